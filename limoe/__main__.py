@@ -1,0 +1,5 @@
+import sys
+
+from limoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""Checkpoints: one safetensors file holding the weights and, in its metadata, the config.
+
+Loading needs nothing else: the config rebuilds the module, the tensors fill it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from limoe.config import LIMoEConfig
+from limoe.model import LIMoE
+
+FORMAT = "limoe-checkpoint/1"
+
+
+def save_checkpoint(model: LIMoE, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `model`'s weights and config (plus optional JSON-able `extra`, e.g. eval results).
+
+    Pass the plain module, not a torch.compile or DDP wrapper (their state dicts are prefixed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": model.cfg.to_json(), "extra": json.dumps(extra or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+def read_metadata(path: str | Path) -> tuple[LIMoEConfig, dict[str, Any]]:
+    """The config and `extra` stored in a checkpoint, without reading the weights."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a LIMoE checkpoint (format {meta.get('format')!r}, want {FORMAT!r})")
+    return LIMoEConfig.from_dict(json.loads(meta["config"])), json.loads(meta.get("extra", "{}"))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[LIMoE, dict[str, Any]]:
+    """Rebuild the model from its stored config and load the weights; returns (model, extra)."""
+    cfg, extra = read_metadata(path)
+    model = LIMoE(cfg)
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), extra

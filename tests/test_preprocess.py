@@ -1,0 +1,82 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from limoe.preprocess import ImageError, PreprocessConfig, open_image, preprocess_image, to_rgb
+
+CFG = PreprocessConfig(image_size=16, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+
+
+def _png(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_solid_colour_normalises_to_hand_values():
+    x = preprocess_image(Image.new("RGB", (40, 30), (255, 0, 255)), CFG)
+    assert x.shape == (3, 16, 16) and x.dtype == np.float32
+    # R: (1 - 0.5) / 0.5 = 1;  G: (0 - 0.25) / 0.25 = -1;  B: (1 - 0) / 1 = 1
+    np.testing.assert_allclose(x[:, 5, 5], [1.0, -1.0, 1.0], atol=1e-6)
+
+
+def test_resize_keeps_aspect_and_crops_the_centre():
+    img = Image.new("RGB", (30, 10), (0, 0, 0))  # wide: black sides, white centre third
+    img.paste((255, 255, 255), (10, 0, 20, 10))
+    x = preprocess_image(img, PreprocessConfig(16, (0, 0, 0), (1, 1, 1), resample="nearest"))
+    # shorter side 10 -> 16, width 30 -> 48; centre crop [16, 32) is exactly the white third
+    assert x.min() == 1.0
+
+
+def test_transparency_is_composited_on_white():
+    img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("LA", (8, 8), (0, 128))  # black at ~50% alpha on white -> ~127 grey
+    assert abs(to_rgb(half).getpixel((0, 0))[0] - 127) <= 1
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    assert to_rgb(pal).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_cmyk_and_sixteen_bit_images():
+    cmyk = open_image(_png(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), fmt="JPEG"))
+    r, g, b = to_rgb(cmyk).getpixel((1, 1))
+    assert r > 200 and g < 60 and b < 60  # cyan-free, full magenta+yellow = red
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    decoded = open_image(_png(sixteen))
+    assert decoded.mode.startswith("I")
+    assert to_rgb(decoded).getpixel((0, 0)) == (255, 255, 255)  # rescaled, not clipped garbage
+    mid = Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16))  # 32896 / 65535 * 255 = 128
+    assert to_rgb(open_image(_png(mid))).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_one_pixel_and_animated_images():
+    x = preprocess_image(open_image(_png(Image.new("RGB", (1, 1), (255, 255, 255)))), CFG)
+    assert x.shape == (3, 16, 16)
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    img = open_image(buf.getvalue())
+    assert to_rgb(img).getpixel((0, 0))[0] > 200  # the first (red) frame
+
+
+def test_bad_inputs_raise_image_error():
+    with pytest.raises(ImageError, match="cannot decode"):
+        open_image(b"")
+    with pytest.raises(ImageError, match="cannot decode"):
+        open_image(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    good = _png(Image.new("RGB", (64, 64)))
+    with pytest.raises(ImageError, match="cannot decode"):
+        open_image(good[: len(good) // 2])  # truncated
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # A 4000x4000 PNG of zeros is a few KB; the pixel limit stops it from the header alone.
+    bomb = _png(Image.new("L", (4000, 4000)))
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError, match="more than the limit"):
+        open_image(bomb, max_pixels=1_000_000)
+    assert open_image(bomb, max_pixels=16_000_000).size == (4000, 4000)

@@ -1,0 +1,41 @@
+"""The serving path's modules import and work where importing torch is impossible."""
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import sys
+
+    class NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in this test")
+
+    sys.meta_path.insert(0, NoTorch())
+    import io
+    import numpy as np
+    from PIL import Image
+    from limoe.config import get_config
+    from limoe.preprocess import PreprocessConfig, open_image, preprocess_image
+    from limoe.templates import DEFAULT_TEMPLATES
+    from limoe.tokenizer import Tokenizer
+    from limoe.zeroshot import build_zero_shot_classifier
+
+    cfg = get_config("small")
+    buf = io.BytesIO(); Image.new("RGB", (5, 7), (1, 2, 3)).save(buf, "PNG")
+    x = preprocess_image(open_image(buf.getvalue()), PreprocessConfig.from_model_config(cfg))
+    tok = Tokenizer.train(["a cat", "a dog"], vocab_size=300, context_length=cfg.context_length)
+    w = build_zero_shot_classifier(lambda ids: np.ones((len(ids), 4)) + ids[:, :4], tok,
+                                   ["cat", "dog"], DEFAULT_TEMPLATES)
+    try:
+        import torch
+    except ImportError:
+        print("ok", x.shape, w.shape, "torch" in sys.modules)
+""")
+
+
+def test_serving_modules_work_without_torch():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok (3, 64, 64) (4, 2) False"
