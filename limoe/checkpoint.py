@@ -1,6 +1,6 @@
-"""Checkpoints: one safetensors file holding the weights and, in its metadata, the config.
-
-Loading needs nothing else: the config rebuilds the module, the tensors fill it.
+"""Checkpoints: one safetensors file holding the weights and, in its metadata, the config
+(and the tokenizer, when given). Loading needs nothing else: the config rebuilds the module,
+the tensors fill it, and export finds the tokenizer in the same file.
 """
 
 from __future__ import annotations
@@ -15,31 +15,50 @@ from safetensors.torch import save_file
 
 from limoe.config import LIMoEConfig
 from limoe.model import LIMoE
+from limoe.tokenizer import Tokenizer
 
 FORMAT = "limoe-checkpoint/1"
 
 
-def save_checkpoint(model: LIMoE, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write `model`'s weights and config (plus optional JSON-able `extra`, e.g. eval results).
+def save_checkpoint(model: LIMoE, path: str | Path, extra: dict[str, Any] | None = None,
+                    tokenizer: Tokenizer | None = None) -> Path:
+    """Write `model`'s weights and config (plus optional JSON-able `extra`, e.g. eval results,
+    and the tokenizer the model was trained with).
 
     Pass the plain module, not a torch.compile or DDP wrapper (their state dicts are prefixed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": model.cfg.to_json(), "extra": json.dumps(extra or {})}
+    if tokenizer is not None:
+        if tokenizer.context_length != model.cfg.context_length or tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"tokenizer (context {tokenizer.context_length}, vocab {tokenizer.vocab_size}) does "
+                             f"not fit the model (context {model.cfg.context_length}, vocab {model.cfg.vocab_size})")
+        metadata["tokenizer"] = tokenizer.to_str()
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)  # never leave a half-written checkpoint under the real name
     return path
 
 
-def read_metadata(path: str | Path) -> tuple[LIMoEConfig, dict[str, Any]]:
-    """The config and `extra` stored in a checkpoint, without reading the weights."""
+def _metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a LIMoE checkpoint (format {meta.get('format')!r}, want {FORMAT!r})")
+    return meta
+
+
+def read_metadata(path: str | Path) -> tuple[LIMoEConfig, dict[str, Any]]:
+    """The config and `extra` stored in a checkpoint, without reading the weights."""
+    meta = _metadata(path)
     return LIMoEConfig.from_dict(json.loads(meta["config"])), json.loads(meta.get("extra", "{}"))
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer saved with the checkpoint, if any."""
+    text = _metadata(path).get("tokenizer")
+    return None if text is None else Tokenizer.from_str(text)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[LIMoE, dict[str, Any]]:

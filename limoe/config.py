@@ -150,7 +150,7 @@ def moe_layer_ids(depth: int, placement: str) -> tuple[int, ...]:
 _PAPER_TEXT = dict(vocab_size=32_000, context_length=16, image_size=224)
 PRESETS: dict[str, LIMoEConfig] = {
     "tiny": LIMoEConfig(
-        image_size=16, patch_size=4, vocab_size=256, context_length=8, width=32, depth=2,
+        image_size=16, patch_size=4, vocab_size=512, context_length=8, width=32, depth=2,
         num_heads=2, mlp_dim=64, embed_dim=16, num_experts=4, train_group_size=2,
         global_entropy_min_experts_image=2.0, global_entropy_min_experts_text=2.0,
     ),

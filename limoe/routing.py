@@ -71,6 +71,17 @@ class RoutingPlan:
         return torch.where(self.kept, self.slot % self.capacity, torch.full_like(self.slot, -1))
 
 
+def _priority_order(top1: Tensor, mask: Tensor) -> Tensor:
+    """(G, S) token indices from the most to the least confident; ties go to the lower index,
+    padding last. A top-K over one float64 key (no sort op, so it exports to ONNX): top-1
+    probabilities are >= 1/E, where float32 values are >= 2^-29 apart, so subtracting
+    index * 2^-30 / S only orders equal values."""
+    S = top1.shape[1]
+    index = torch.arange(S, device=top1.device, dtype=torch.float64)
+    key = torch.where(mask, top1.double(), torch.full_like(top1, -1.0, dtype=torch.float64))
+    return (key - index * (2.0 ** -30 / S)).topk(S, dim=1).indices
+
+
 def route(
     logits: Tensor,
     top_k: int,
@@ -96,8 +107,7 @@ def route(
 
     # Order in which tokens claim slots: by decreasing top-1 probability (BPR) or by index.
     if batch_priority:
-        priority = torch.where(mask, gates[..., 0], torch.full_like(gates[..., 0], -1.0))
-        order = torch.argsort(priority, dim=1, descending=True, stable=True)  # (G, S)
+        order = _priority_order(gates[..., 0], mask)  # (G, S)
     else:
         order = torch.arange(S, device=logits.device).expand(G, S)
     index_sorted = expert_index.gather(1, order.unsqueeze(-1).expand(G, S, K))  # (G, S, K)
@@ -108,12 +118,11 @@ def route(
     # the same expert.
     onehot = F.one_hot(index_sorted, E) * mask_sorted[..., None, None]  # (G, S, K, E)
     onehot = onehot.transpose(1, 2).reshape(G, K * S, E)  # (G, K*S, E)
-    position = ((onehot.cumsum(dim=1) - 1) * onehot).sum(dim=-1)  # (G, K*S)
-    position = position.reshape(G, K, S).transpose(1, 2)  # (G, S, K), sorted token order
-
-    # Undo the sort: the token at sorted place j is token order[j].
-    unsort = torch.argsort(order, dim=1)  # (G, S)
-    position = position.gather(1, unsort.unsqueeze(-1).expand(G, S, K))  # (G, S, K)
+    position_sorted = ((onehot.cumsum(dim=1) - 1) * onehot).sum(dim=-1)  # (G, K*S)
+    position_sorted = position_sorted.reshape(G, K, S).transpose(1, 2)  # (G, S, K)
+    # Undo the sort: sorted place j belongs to token order[j].
+    position = torch.zeros_like(position_sorted).scatter(1, order.unsqueeze(-1).expand(G, S, K),
+                                                         position_sorted)
 
     real = mask.unsqueeze(-1).expand(G, S, K)
     kept = real & (position < capacity)

@@ -53,8 +53,15 @@ class Tokenizer:
     def load(cls, path: str | Path) -> "Tokenizer":
         return cls(_HFTokenizer.from_file(str(path)))
 
+    @classmethod
+    def from_str(cls, text: str) -> "Tokenizer":
+        return cls(_HFTokenizer.from_str(text))
+
     def save(self, path: str | Path) -> None:
         self._tk.save(str(path))
+
+    def to_str(self) -> str:
+        return self._tk.to_str()
 
     @property
     def vocab_size(self) -> int:

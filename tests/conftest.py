@@ -1,6 +1,11 @@
 import pytest
 import torch
 
+from limoe.checkpoint import save_checkpoint
+from limoe.cli import main
+from limoe.templates import DEFAULT_TEMPLATES
+from limoe.tokenizer import Tokenizer
+
 from limoe.config import get_config
 from limoe.model import LIMoE
 
@@ -25,3 +30,23 @@ def random_batch(cfg, n, seed=0):
         length = 2 + i % (cfg.context_length - 1)
         tokens[i, length:] = cfg.pad_id
     return images, tokens
+
+
+CAPTIONS = [t.replace("{}", w) for t in DEFAULT_TEMPLATES for w in ("red circle", "blue square", "cat")]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A tiny model (top-2 routing, capacity tight enough to drop) exported once through the CLI."""
+    root = tmp_path_factory.mktemp("export")
+    cfg = get_config("tiny", top_k=2, eval_capacity_factor=0.5, depth=3, moe_layers="1,2")
+    torch.manual_seed(0)
+    model = LIMoE(cfg).eval()
+    with torch.no_grad():  # a peaky router, so some choices really are dropped
+        for block in model.blocks[1:]:
+            block.mlp.router.weight.mul_(50)
+    tok = Tokenizer.train(CAPTIONS, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+    ckpt = save_checkpoint(model, root / "tiny.safetensors", extra={"eval": {"top1": 0.5}}, tokenizer=tok)
+    assert main(["export", str(ckpt), "--name", "tiny", "--store", str(root / "store"), "--quantize", "int8"]) == 0
+    entry = root / "store" / "tiny" / "1"
+    return model, tok, entry, ckpt

@@ -1,0 +1,154 @@
+"""Export: ONNX and TorchScript parity with eager PyTorch, batch independence, the torch-free
+ONNX path, int8 quantisation, and the manifest the server trusts."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_batch
+from limoe.checkpoint import save_checkpoint
+from limoe.cli import main
+from limoe.export import ImageEncoder, TextEncoder
+from limoe.onnx_encoder import EncoderOutput, OnnxEncoders
+from limoe.templates import DEFAULT_TEMPLATES
+from limoe.tokenizer import Tokenizer
+
+def _eager(model, images=None, tokens=None):
+    with torch.no_grad():
+        if images is not None:
+            return [t.numpy() for t in ImageEncoder(model)(images)]
+        return [t.numpy() for t in TextEncoder(model)(tokens)]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_onnx_and_torchscript_match_eager(exported, batch):
+    model, _, entry, _ = exported
+    onnx = OnnxEncoders.from_entry(entry)
+    ts = torch.jit.load(str(entry / "encoders.torchscript.pt"))
+    images, tokens = random_batch(model.cfg, batch, seed=batch)
+    ref_i, ref_t = _eager(model, images=images), _eager(model, tokens=tokens)
+    with torch.no_grad():
+        ts_out = [EncoderOutput(*(t.numpy() for t in out)) for out in (ts.encode_image(images), ts.encode_text(tokens))]
+    got = {
+        "onnx": (onnx.encode_images(images.numpy()), onnx.encode_tokens(tokens.numpy())),
+        "torchscript": tuple(ts_out),
+    }
+    for backend, (gi, gt) in got.items():
+        for g, (emb, idx, dropped) in ((gi, ref_i), (gt, ref_t)):
+            assert g.embeddings.shape == emb.shape
+            np.testing.assert_allclose(g.embeddings, emb, atol=1e-4, rtol=0, err_msg=backend)
+            np.testing.assert_array_equal(g.expert_index, idx, err_msg=backend)
+            np.testing.assert_array_equal(g.dropped, dropped, err_msg=backend)
+
+
+def test_exported_routing_outputs_have_meaning(exported):
+    model, _, entry, _ = exported
+    onnx = OnnxEncoders.from_entry(entry)
+    images, tokens = random_batch(model.cfg, 5)
+    out_i, out_t = onnx.encode_images(images.numpy()), onnx.encode_tokens(tokens.numpy())
+    M, K = 2, 2
+    assert out_i.expert_index.shape == (5, M, model.cfg.num_patches, K)
+    assert out_i.dropped.dtype == np.bool_ and out_i.dropped.any()  # capacity 0.5 drops some
+    pad = tokens.numpy() == model.cfg.pad_id
+    assert (out_t.expert_index[:, :, :][np.broadcast_to(pad[:, None, :, None], out_t.expert_index.shape)] == -1).all()
+    assert (out_t.expert_index[~np.broadcast_to(pad[:, None, :, None], out_t.expert_index.shape)] >= 0).all()
+
+
+def test_exported_graphs_are_batch_independent(exported):
+    model, _, entry, _ = exported
+    onnx = OnnxEncoders.from_entry(entry)
+    ts = torch.jit.load(str(entry / "encoders.torchscript.pt"))
+    images, tokens = random_batch(model.cfg, 7)
+    together = onnx.encode_images(images.numpy())
+    for i in range(7):
+        alone = onnx.encode_images(images[i:i + 1].numpy())
+        np.testing.assert_allclose(alone.embeddings[0], together.embeddings[i], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(alone.expert_index[0], together.expert_index[i])
+        np.testing.assert_array_equal(alone.dropped[0], together.dropped[i])
+    t_together = onnx.encode_tokens(tokens.numpy()).embeddings
+    t_alone = np.concatenate([onnx.encode_tokens(tokens[i:i + 1].numpy()).embeddings for i in range(7)])
+    np.testing.assert_allclose(t_alone, t_together, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ts_together = ts.encode_image(images)[0]
+        ts_alone = torch.cat([ts.encode_image(images[i:i + 1])[0] for i in range(7)])
+    torch.testing.assert_close(ts_alone, ts_together, atol=1e-5, rtol=0)
+
+
+def test_manifest_describes_the_entry(exported):
+    model, tok, entry, ckpt = exported
+    m = json.loads((entry / "manifest.json").read_text())
+    assert m["format"] == "limoe-model-store/1" and m["name"] == "tiny" and m["version"] == "1"
+    assert m["config"] == model.cfg.to_dict()
+    assert m["context_length"] == model.cfg.context_length and m["embedding_size"] == model.cfg.embed_dim
+    assert m["logit_scale"] == pytest.approx(float(np.exp(model.cfg.logit_scale_init)), rel=1e-5)
+    assert m["preprocessing"] == {"image_size": 16, "mean": list(model.cfg.image_mean),
+                                  "std": list(model.cfg.image_std), "resample": "bicubic",
+                                  "background": [255, 255, 255], "crop": "center"}
+    assert m["templates"] == list(DEFAULT_TEMPLATES)
+    assert m["onnx"]["opset"] == 18 and {"torch", "onnx", "onnxruntime", "limoe"} <= set(m["libraries"])
+    assert m["evaluation"] == {"top1": 0.5}
+    assert m["moe"] == {"layers": [1, 2], "num_experts": 4, "top_k": 2, "eval_capacity_factor": 0.5,
+                        "batch_priority": True}
+    assert set(m["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "encoders.torchscript.pt",
+                               "tokenizer.json", "image_encoder.int8.onnx", "text_encoder.int8.onnx"}
+    for file, record in m["files"].items():
+        assert record["size"] == (entry / file).stat().st_size and len(record["sha256"]) == 64
+    assert Tokenizer.load(entry / "tokenizer.json").encode(["cat"]).tolist() == tok.encode(["cat"]).tolist()
+
+
+def test_int8_graphs_agree_with_fp32(exported):
+    model, _, entry, _ = exported
+    m = json.loads((entry / "manifest.json").read_text())
+    for modality in ("image", "text"):
+        agreement = m["quantization"]["int8"][modality]
+        assert agreement["embedding_cosine_mean"] > 0.98 and agreement["examples"] == 32
+    fp32, int8 = OnnxEncoders.from_entry(entry), OnnxEncoders.from_entry(entry, quantized=True)
+    images, _ = random_batch(model.cfg, 4)
+    cos = (fp32.encode_images(images.numpy()).embeddings * int8.encode_images(images.numpy()).embeddings).sum(-1)
+    assert cos.min() > 0.95
+
+
+def test_onnx_path_runs_where_torch_cannot_be_imported(exported, tmp_path):
+    model, _, entry, _ = exported
+    images, tokens = random_batch(model.cfg, 3)
+    np.save(tmp_path / "images.npy", images.numpy())
+    expected = _eager(model, images=images)[0]
+    expected_text = _eager(model, tokens=torch.from_numpy(
+        Tokenizer.load(entry / "tokenizer.json").encode(["red circle", "cat"])))[0]
+    script = textwrap.dedent(f"""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        from limoe.onnx_encoder import EncoderOutput, OnnxEncoders
+        enc = OnnxEncoders.from_entry({str(entry)!r})
+        np.save({str(tmp_path / "img_out.npy")!r}, enc.encode_images(np.load({str(tmp_path / "images.npy")!r})).embeddings)
+        np.save({str(tmp_path / "txt_out.npy")!r}, enc.encode_texts(["red circle", "cat"]).embeddings)
+        print("torch" in sys.modules, enc.providers)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False ['CPUExecutionProvider']"
+    np.testing.assert_allclose(np.load(tmp_path / "img_out.npy"), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.load(tmp_path / "txt_out.npy"), expected_text, atol=1e-4, rtol=0)
+
+
+def test_export_refuses_to_overwrite_and_needs_a_tokenizer(exported, tmp_path, capsys):
+    model, _, entry, ckpt = exported
+    store = entry.parent.parent
+    assert main(["export", str(ckpt), "--name", "tiny", "--version", "1", "--store", str(store)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    bare = save_checkpoint(model, tmp_path / "bare.safetensors")
+    assert main(["export", str(bare), "--name", "other", "--store", str(store)]) == 1
+    assert "holds no tokenizer" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--name", "../evil", "--store", str(store)]) == 1
+    assert "invalid model name" in capsys.readouterr().err
+    assert not (store / "other").exists() or not any((store / "other").iterdir())
