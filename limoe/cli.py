@@ -69,6 +69,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.cli import serve
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model),
+                                   ("model_version", args.version), ("backend", args.backend)) if v is not None}
+    return serve(overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="limoe", description="LIMoE: Language-Image Mixture of Experts")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, help="ONNX opset (default: limoe.export.DEFAULT_OPSET)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
     export.set_defaults(func=_cmd_export)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (settings from LIMOE_* variables)")
+    serve.add_argument("--host", help="bind address (LIMOE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (LIMOE_PORT, default 8000)")
+    serve.add_argument("--model", help="model name in the store, or an entry directory (LIMOE_MODEL)")
+    serve.add_argument("--version", help="model version (LIMOE_MODEL_VERSION, default latest)")
+    serve.add_argument("--backend", choices=["onnx", "torchscript"], help="LIMOE_BACKEND (default onnx)")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

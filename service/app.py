@@ -1,0 +1,173 @@
+"""The FastAPI application: `create_app(settings)` builds it; uvicorn runs it.
+
+    uvicorn --factory service.app:create_app      (settings from LIMOE_* variables)
+    limoe serve                                    (the same, plus a friendly start-up check)
+
+Start-up loads and verifies the model (a damaged or missing artifact stops the server with a
+message naming the file), starts one batcher per encoder, then warms every batch size up in the
+background: /healthz answers at once, /readyz and the inference routes answer 503 until warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import limoe
+from service import api_hf, api_native, api_v2
+from service.backends import Backend, load_backend
+from service.engine import Engine
+from service.errors import ServiceError, Unauthorized
+from service.http import BodyLimitMiddleware, ClientGone, check_api_key
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("limoe.service")
+
+HEALTH_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
+OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+class Gatekeeper:
+    """Pure ASGI middleware: API-key check, then request count and latency by route template."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    def _needs_key(self, path: str) -> bool:
+        s = self.settings
+        if not s.api_keys or path in OPEN_PATHS:
+            return False
+        if path in HEALTH_PATHS:
+            return s.protect_health
+        if path == "/metrics":
+            return s.protect_metrics
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self._needs_key(scope["path"]):
+                try:
+                    check_api_key(Request(scope), self.settings.api_keys)
+                except Unauthorized as e:
+                    return await JSONResponse(e.body(), e.status, headers=e.headers)(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """The app. `backend` replaces the model from the settings (tests pass a FakeBackend)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loaded = backend or await run_in_threadpool(load_backend, settings)
+        metrics.model_info.labels(loaded.name, loaded.version, settings.backend if backend is None else "custom",
+                                  loaded.device).set(1)
+        engine = Engine(loaded, settings, metrics)
+        app.state.engine = engine
+        warm = asyncio.ensure_future(engine.start())
+        log.info("serving %s version %s on %s", loaded.name, loaded.version, loaded.device)
+        try:
+            yield
+        finally:
+            warm.cancel()
+            await engine.stop()
+
+    app = FastAPI(
+        title="LIMoE Serve",
+        version=limoe.__version__,
+        description="Zero-shot image classification with LIMoE, the Language-Image Mixture of Experts. "
+                    "Native API under /v1, Hugging Face compatible routes at / and /models/{name}, "
+                    "Open Inference Protocol v2 under /v2, Prometheus metrics at /metrics.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.metrics, app.state.engine = settings, metrics, None
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(Gatekeeper, settings=settings, metrics=metrics)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, e: ServiceError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; counted in metrics as nginx does
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        return JSONResponse({"error": f"invalid request: {where}: {err.get('msg', '')}", "code": "invalid_request"},
+                            status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse({"error": str(e.detail), "code": codes.get(e.status_code, "http_error")},
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal server error", "code": "internal"}, status_code=500)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the batch workers are running")
+    async def healthz(request: Request) -> JSONResponse:
+        engine = getattr(request.app.state, "engine", None)
+        alive = engine is None or engine.alive  # still loading counts as alive
+        return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: the model answered a warm-up forward pass")
+    async def readyz(request: Request) -> JSONResponse:
+        engine = getattr(request.app.state, "engine", None)
+        ready = engine is not None and engine.ready and engine.alive
+        body = {"status": "ready" if ready else "not ready"}
+        if engine is not None:
+            body.update(model=engine.backend.name, version=engine.backend.version, device=engine.backend.device)
+        return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def prometheus(request: Request) -> Response:
+        engine = getattr(request.app.state, "engine", None)
+        if engine is not None:
+            for b in (engine.image_batcher, engine.text_batcher):
+                metrics.queue_depth.labels(b.name).set(b.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    for router in (api_native.router, api_hf.router, api_v2.router):
+        app.include_router(router)
+    return app
+
+
+def describe_settings(settings: Settings) -> str:
+    public = settings.model_dump(exclude={"api_keys"})
+    public["api_keys"] = f"{len(settings.api_keys)} configured"
+    return json.dumps(public, default=str)

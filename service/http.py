@@ -1,0 +1,122 @@
+"""HTTP plumbing shared by the APIs: body limit, auth, deadlines and client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+from typing import Any, Awaitable, TypeVar
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import BadRequest, PayloadTooLarge, ServiceError, Timeout, Unauthorized, Unprocessable
+
+T = TypeVar("T")
+
+
+class BodyTooLarge(PayloadTooLarge):
+    code = "body_too_large"
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over `limit` bytes with 413, by Content-Length up front and by
+    counting streamed chunks otherwise, so an oversized upload is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                return await _send_error(send, BodyTooLarge(f"request body over {self.limit} bytes"))
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_error(send: Send, error: ServiceError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_api_key(request: Request, keys: list) -> None:
+    """Bearer token against every configured key, in constant time."""
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    ok = False
+    for key in keys:  # no early exit: timing does not reveal which key matched
+        ok |= hmac.compare_digest(given, key.get_secret_value().encode())
+    if not ok:
+        raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def answer(request: Request, work: Awaitable[T], timeout_s: float) -> T:
+    """Await `work` unless the deadline passes (504) or the client disconnects first; either
+    way `work` is cancelled, which drops the request's items from the batch queues."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    if watcher in done:
+        raise ClientGone()
+    raise Timeout(f"no answer within {timeout_s:g}s; the server is busy, retry later")
+
+
+def b64decode(value: Any, what: str = "image") -> bytes:
+    if not isinstance(value, str):
+        raise Unprocessable(f"{what} must be a base64 string")
+    if value.startswith("data:"):  # data URLs: data:image/png;base64,....
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} is not valid base64", "invalid_base64") from None
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON: {e}", "invalid_json") from None

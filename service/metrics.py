@@ -1,0 +1,56 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never collide).
+
+Names follow Prometheus conventions: base units (seconds), `_total` counters. What only an MoE
+server can show: tokens routed to each expert, and tokens dropped at capacity, per MoE layer
+and modality.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("limoe_requests_total", "HTTP requests by route and status code",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("limoe_request_duration_seconds", "HTTP request latency",
+                                         ["route"], buckets=_LATENCY, registry=r)
+        self.queue_seconds = Histogram("limoe_queue_wait_seconds", "time an item waited for its batch",
+                                       ["encoder"], buckets=_LATENCY, registry=r)
+        self.preprocess_seconds = Histogram("limoe_preprocess_seconds", "decode + resize + normalise one image",
+                                            buckets=_LATENCY, registry=r)
+        self.inference_seconds = Histogram("limoe_inference_seconds", "one batched forward pass",
+                                           ["encoder"], buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("limoe_batch_size", "items per forward pass", ["encoder"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.queue_depth = Gauge("limoe_queue_depth", "items waiting for a forward pass", ["encoder"], registry=r)
+        self.items = Counter("limoe_items_total", "images and texts processed, by outcome",
+                             ["encoder", "outcome"], registry=r)
+        self.label_cache = Counter("limoe_label_cache_total", "label embedding lookups", ["result"], registry=r)
+        self.label_cache_size = Gauge("limoe_label_cache_entries", "label embeddings cached", registry=r)
+        self.expert_tokens = Counter("limoe_expert_tokens_total", "tokens routed to an expert (all K choices)",
+                                     ["layer", "modality", "expert"], registry=r)
+        self.expert_dropped = Counter("limoe_expert_tokens_dropped_total",
+                                      "token choices dropped because the expert was full",
+                                      ["layer", "modality", "expert"], registry=r)
+        self.model_info = Gauge("limoe_model_info", "the loaded model (value 1)",
+                                ["name", "version", "backend", "device"], registry=r)
+        self.ready = Gauge("limoe_ready", "1 once the model answered a warm-up forward pass", registry=r)
+
+    def observe_routing(self, modality: str, layers: list[int], num_experts: int,
+                        expert_index: np.ndarray, dropped: np.ndarray) -> None:
+        """Count a batch's expert choices: expert_index/dropped (B, M, T, K); -1 marks padding."""
+        for m, layer in enumerate(layers):
+            idx, drop = expert_index[:, m], dropped[:, m]
+            routed = np.bincount(idx[(idx >= 0) & ~drop], minlength=num_experts)
+            lost = np.bincount(idx[(idx >= 0) & drop], minlength=num_experts)
+            for e in range(num_experts):
+                if routed[e]:
+                    self.expert_tokens.labels(str(layer), modality, str(e)).inc(int(routed[e]))
+                if lost[e]:
+                    self.expert_dropped.labels(str(layer), modality, str(e)).inc(int(lost[e]))

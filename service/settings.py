@@ -1,0 +1,89 @@
+"""Service settings, read from LIMOE_* environment variables (pydantic-settings).
+
+Invalid values fail at start-up with a message naming the variable. Nothing here is read at
+import time: `create_app(Settings())` decides when the environment is consulted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+def default_store() -> Path:
+    """The repository's model_store for a source checkout (editable install), else ./model_store."""
+    repo = Path(__file__).resolve().parent.parent / "model_store"
+    return repo if repo.is_dir() else Path("model_store")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIMOE_", extra="ignore", frozen=True)
+
+    # --- the model ------------------------------------------------------------------------------
+    model: str = Field("limoe-tiny", description="model name in the store, or a path to an entry directory")
+    model_version: str = Field("latest", description="store version, or 'latest'")
+    model_store: Path = Field(default_factory=default_store, description="model store root")
+    backend: Literal["onnx", "torchscript"] = "onnx"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    quantized: bool = Field(False, description="use the entry's int8 ONNX graphs (CPU)")
+    threads: int = Field(0, ge=0, description="intra-op threads per encoder; 0 = library default")
+
+    # --- batching -------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    queue_size: int = Field(256, ge=1, description="items waiting per encoder before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request still unanswered then gets 504")
+    preprocess_workers: int = Field(2, ge=1, le=64, description="threads decoding and resizing images")
+    warmup: bool = Field(True, description="run every batch size once before reporting ready")
+
+    # --- limits ---------------------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=64)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
+    max_labels: int = Field(100, ge=1)
+    max_label_chars: int = Field(200, ge=1)
+    max_images_per_request: int = Field(16, ge=1)
+    max_bulk_images: int = Field(256, ge=1)
+    label_cache_size: int = Field(4096, ge=0, description="label embeddings kept (LRU)")
+
+    # --- security -------------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated Bearer keys; empty = no authentication")
+    protect_health: bool = Field(False, description="require a key for health endpoints too")
+    protect_metrics: bool = Field(False, description="require a key for /metrics too")
+
+    # --- server ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.max_image_bytes > self.max_body_bytes:
+            raise ValueError("max_image_bytes cannot exceed max_body_bytes")
+        if self.quantized and self.backend != "onnx":
+            raise ValueError("quantized graphs exist only for the onnx backend")
+        return self
+
+    @property
+    def model_is_path(self) -> bool:
+        return os.sep in self.model or self.model.startswith(".")
