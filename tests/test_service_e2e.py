@@ -211,3 +211,14 @@ def test_default_store_is_the_repository_one():
     from service.settings import Settings
 
     assert Path(Settings().model_store).resolve() == (ROOT / "model_store").resolve()
+
+
+def test_torchscript_backend_agrees_with_onnx():
+    image = png((120, 60, 200))
+    with serve_process(backend="torchscript", device="cpu") as (base, _):
+        models = httpx.get(f"{base}/v1/models").json()["models"][0]
+        assert models["backend"] == "torchscript" and models["device"] == "cpu"
+        r = httpx.post(f"{base}/v1/classify", json={"images": [base64.b64encode(image).decode()], "labels": LABELS},
+                       timeout=30)
+        got = {x["label"]: x["score"] for x in r.json()["results"][0]["labels"]}
+    assert got == pytest.approx(expected_scores(image), abs=1e-4)
