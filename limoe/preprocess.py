@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -39,8 +40,22 @@ class PreprocessConfig:
                 "resample": self.resample, "background": list(self.background), "crop": "center"}
 
 
+# Formats we decode. Restricting Image.open to these keeps Pillow away from formats that run
+# external programs (EPS -> Ghostscript) or are rarely what a client meant.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+
+
 class ImageError(ValueError):
-    """The input is not an image we can use (corrupt, empty, too large...)."""
+    """The input is not an image we can use (corrupt, empty, unsupported...)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed (checked from the header, before decoding)."""
+
+
+def clean_error(e: Exception) -> str:
+    """Pillow's message without object reprs such as <_io.BytesIO object at 0x7f...>."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
 
 
 def open_image(source: bytes | str | Path, max_pixels: int | None = None) -> Image.Image:
@@ -48,19 +63,24 @@ def open_image(source: bytes | str | Path, max_pixels: int | None = None) -> Ima
 
     Animated images give their first frame; EXIF orientation is applied."""
     try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                         formats=FORMATS)
         w, h = img.size  # known from the header, before any pixel is decoded
         if w < 1 or h < 1:
             raise ImageError(f"image has no pixels ({w}x{h})")
         if max_pixels is not None and w * h > max_pixels:
-            raise ImageError(f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+            raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
         img.seek(0)
         img.load()
         return ImageOps.exif_transpose(img)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        raise ImageError(f"cannot decode image: {e}") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, hit inside Image.open
+        raise ImageTooLargeError(f"image has more than {Image.MAX_IMAGE_PIXELS * 2} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot decode image: not a supported image file ({', '.join(FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"cannot decode image: {clean_error(e)}") from None
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -82,13 +102,13 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
 
 
 def resize_center_crop(img: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
-    """Scale the shorter side to `size` (aspect kept), then cut the central size x size square."""
+    """The central square (side = the shorter side), resized to size x size: the same as scaling
+    the shorter side to `size` and cropping the centre, but a 1 x 1,000,000 strip never gets
+    scaled up whole first."""
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), _RESAMPLING[resample])
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.resize((size, size), _RESAMPLING[resample], box=(left, top, left + side, top + side))
 
 
 def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

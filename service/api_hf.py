@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.engine import Engine
-from service.errors import NotFound, ServiceError, Unprocessable, UnsupportedMediaType
+from service.errors import NotFound, ServiceError, Unprocessable
 from service.http import answer, b64decode, read_json
 
 router = APIRouter(tags=["huggingface"])
@@ -57,9 +57,6 @@ def parse_hf(body: Any) -> tuple[bytes, list[str], str | None]:
 async def _classify(request: Request) -> JSONResponse:
     engine: Engine = request.app.state.engine
     engine.require_ready()
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype not in ("application/json", ""):
-        raise UnsupportedMediaType(f"send application/json, not {ctype!r}")
     image, labels, template = parse_hf(await read_json(request))
     [result] = await answer(request, engine.classify([image], labels, [template] if template else None),
                             engine.settings.request_timeout_s)

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.engine import Classification, Engine
 from service.errors import BadRequest, ServiceError, Unprocessable, UnsupportedMediaType
-from service.http import answer, b64decode, read_json
+from service.http import answer, b64decode, media_type, parse_json, read_json
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -55,15 +56,36 @@ _RESULTS_EXAMPLE = {"model": "limoe-small", "version": "1", "results": [
     {"index": 1, "error": "cannot decode image: cannot identify image file", "code": "invalid_image"}]}
 
 
+def _multipart_error(e: Exception) -> ServiceError:
+    """Starlette's form parser reports limits and syntax errors as HTTP 400s; name them."""
+    text = str(getattr(e, "detail", e))
+    if "Too many files" in text:
+        return Unprocessable(f"too many images in one request: {text}", "too_many_images")
+    if "Too many fields" in text:
+        return Unprocessable(f"too many form fields (labels?): {text}", "too_many_labels")
+    return BadRequest(f"malformed multipart body: {text}", "invalid_multipart")
+
+
+async def _read_form(request: Request, max_files: int, max_fields: int):
+    boundary = request.headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip().strip('"')
+    if not boundary:
+        raise BadRequest("malformed multipart body: no boundary in the Content-Type", "invalid_multipart")
+    body = await request.body()  # bounded by the body limit; the form parser reads this copy
+    if not body.rstrip(b"\r\n").endswith(b"--" + boundary.encode("latin-1") + b"--"):
+        raise BadRequest("malformed multipart body: it ends before the closing boundary (truncated?)",
+                         "invalid_multipart")
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except (MultiPartException, HTTPException) as e:
+        raise _multipart_error(e) from None
+
+
 async def parse_classify(request: Request, max_images: int, max_labels: int) -> dict[str, Any]:
     """The request as {"images": [bytes], "labels", "templates", "top_k", "explain"}, from either
     multipart/form-data or JSON."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     if ctype == "multipart/form-data":
-        try:
-            form = await request.form(max_files=max_images, max_fields=max_labels + 40)
-        except MultiPartException as e:
-            raise BadRequest(f"malformed multipart body: {e}", "invalid_multipart") from None
+        form = await _read_form(request, max_images, max_labels + 40)
         images = []
         for f in form.getlist("images"):
             if not isinstance(f, UploadFile):
@@ -78,7 +100,7 @@ async def parse_classify(request: Request, max_images: int, max_labels: int) -> 
                 "templates": [str(v) for v in form.getlist("templates")] or None, "top_k": top_k,
                 "explain": str(form.get("explain", "false")).lower() in ("1", "true", "yes")}
     if ctype in ("application/json", ""):
-        body = await read_json(request)
+        body = parse_json(await request.body())
         try:
             req = ClassifyJSON.model_validate(body)
         except ValueError as e:

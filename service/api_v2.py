@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 import limoe
 from service.engine import Engine
 from service.errors import BadRequest, NotFound, ServiceError, Unprocessable
-from service.http import answer, b64decode
+from service.http import answer, b64decode, parse_json
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 HEADER = "Inference-Header-Content-Length"
@@ -101,13 +101,26 @@ def _split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
         if not 0 <= n <= len(body):
             raise BadRequest(f"{HEADER} {n} does not fit a body of {len(body)} bytes", "invalid_header")
         head, rest = body[:n], body[n:]
-    try:
-        header = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON: {e}", "invalid_json") from None
+    header = parse_json(head)
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise Unprocessable("the request needs an 'inputs' list")
+    if not isinstance(header.get("parameters", {}), dict):
+        raise Unprocessable("'parameters' must be an object")
+    if not isinstance(header.get("outputs", []), list):
+        raise Unprocessable("'outputs' must be a list")
     return header, rest
+
+
+def _parameters(tensor: dict, what: str) -> dict:
+    params = tensor.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise Unprocessable(f"{what}: 'parameters' must be an object")
+    return params
+
+
+def _flag(value: Any) -> bool:
+    """JSON true, or the string "true" (some clients stringify parameters)."""
+    return value is True or (isinstance(value, str) and value.lower() == "true")
 
 
 def _decode_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
@@ -139,8 +152,10 @@ def _inputs(header: dict, binary: bytes) -> dict[str, list]:
             raise Unprocessable(f"input {name} must have datatype BYTES, not {dtype!r}")
         if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
             raise Unprocessable(f"input {name} must have a 1-D shape [n]")
+        if name in found:
+            raise Unprocessable(f"input {name} is given twice")
         count = shape[0]
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(tensor, f"input {name}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"input {name}: binary_data_size {size!r} runs past the body", "invalid_tensor")
@@ -163,7 +178,7 @@ def _inputs(header: dict, binary: bytes) -> dict[str, list]:
 
 def _requested(header: dict) -> dict[str, bool]:
     """Output name -> binary? (all outputs, binary or not per the request, when none are named)."""
-    default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    default_binary = _flag(_parameters(header, "request").get("binary_data_output", False))
     outputs = header.get("outputs")
     if not outputs:
         return {"SCORES": default_binary, "EXPERTS": default_binary}
@@ -172,7 +187,7 @@ def _requested(header: dict) -> dict[str, bool]:
         name = o.get("name") if isinstance(o, dict) else None
         if name not in ("SCORES", "EXPERTS"):
             raise Unprocessable(f"unknown output {name!r}; this model returns SCORES and EXPERTS")
-        wanted[name] = bool((o.get("parameters") or {}).get("binary_data", default_binary))
+        wanted[name] = _flag(_parameters(o, f"output {name}").get("binary_data", default_binary))
     return wanted
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from limoe.preprocess import ImageError, open_image, preprocess_image
+from limoe.preprocess import ImageError, ImageTooLargeError, clean_error, open_image, preprocess_image
 from limoe.zeroshot import ensemble, fill_templates, softmax
 from service.backends import Backend
 from service.batcher import DynamicBatcher, ItemResult
@@ -157,14 +157,14 @@ class Engine:
         started = time.perf_counter()
         try:
             img = open_image(data, max_pixels=s.max_image_pixels)
+        except ImageTooLargeError as e:
+            raise ImageTooLarge(str(e)) from None
         except ImageError as e:
-            if "more than the limit" in str(e):
-                raise ImageTooLarge(str(e)) from None
             raise InvalidImage(str(e)) from None
         try:
             x = preprocess_image(img, self.backend.preprocess)
         except (OSError, ValueError) as e:  # e.g. a truncated file that only fails on conversion
-            raise InvalidImage(f"cannot convert image: {e}") from None
+            raise InvalidImage(f"cannot convert image: {clean_error(e)}") from None
         self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
         return x
 

@@ -12,7 +12,8 @@ from typing import Any, Awaitable, TypeVar
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BadRequest, PayloadTooLarge, ServiceError, Timeout, Unauthorized, Unprocessable
+from service.errors import (BadRequest, PayloadTooLarge, ServiceError, Timeout, Unauthorized, Unprocessable,
+                            UnsupportedMediaType)
 
 T = TypeVar("T")
 
@@ -114,9 +115,26 @@ def b64decode(value: Any, what: str = "image") -> bytes:
         raise BadRequest(f"{what} is not valid base64", "invalid_base64") from None
 
 
-async def read_json(request: Request) -> Any:
-    body = await request.body()
+def parse_json(data: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON: {e}", "invalid_json") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply", "invalid_json") from None
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared as JSON (or not declared at all)."""
+    ctype = media_type(request)
+    if ctype not in ("application/json", ""):
+        raise UnsupportedMediaType(f"send application/json, not {ctype!r}")
+
+
+async def read_json(request: Request) -> Any:
+    require_json(request)
+    return parse_json(await request.body())

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,11 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base_url: str, timeout: float = 60.0, path: str = "/readyz", proc=None) -> None:
+def wait_ready(base_url: str, timeout: float = 60.0, path: str = "/readyz", proc=None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text() if log else ''}")
         try:
             if httpx.get(base_url + path, timeout=1.0).status_code == 200:
                 return
@@ -60,11 +61,15 @@ def serve_process(**env: str):
     port = free_port()
     full_env = {**os.environ, "LIMOE_PORT": str(port), "LIMOE_LOG_LEVEL": "warning",
                 **{f"LIMOE_{k.upper()}": str(v) for k, v in env.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "limoe", "serve"], cwd=ROOT, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Logs go to a file, never to a pipe nobody reads (a full pipe would block the server).
+    log = Path(tempfile.mkstemp(prefix="limoe-serve-", suffix=".log")[1])
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "limoe", "serve"], cwd=ROOT, env=full_env,
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc=proc)
+        wait_ready(base, proc=proc, log=log)
+        proc.log = log
         yield base, proc
     finally:
         proc.terminate()
@@ -72,3 +77,4 @@ def serve_process(**env: str):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.unlink(missing_ok=True)
