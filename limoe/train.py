@@ -1,0 +1,240 @@
+"""Contrastive training of LIMoE: `limoe train` (single process or torchrun/DDP).
+
+The data is a map-style dataset (`ds[i]` -> {"pixels": (3, R, R) float32, "caption" or
+"captions", ...}, `len(ds)`, optional `ds.sample_weights`). Which examples make up step s is a
+pure function of (seed, s, rank) — see `StepSampler` — so resuming from a checkpoint replays
+exactly the batches an uninterrupted run would have seen.
+
+Per step: AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient
+clipping, bf16 autocast on CUDA, the contrastive loss plus the configured routing losses. Every
+step appends one JSON line to `log.jsonl` with each loss term, the learning rate, throughput
+and, per MoE layer and modality, expert usage and the dropped-token rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from limoe.checkpoint import load_checkpoint, save_checkpoint
+from limoe.config import LIMoEConfig
+from limoe.losses import limoe_loss
+from limoe.model import LIMoE
+from limoe.moe import RoutingInfo
+from limoe.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # global batch (split across ranks)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on parameters with dim >= 2 only
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    betas: tuple[float, float] = (0.9, 0.98)
+    seed: int = 0
+    checkpoint_every: int = 200  # steps between checkpoints (the last step always saves)
+    log_every: int = 1  # steps between JSONL log lines
+    num_workers: int = 0  # threads decoding examples for a batch (0 = inline)
+
+
+# -- schedule and optimizer ------------------------------------------------------------------
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 0 over `warmup_steps`, then cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+
+# -- data ------------------------------------------------------------------------------------
+class StepSampler:
+    """The example indices of step s on one rank: a seeded draw (with replacement, by the
+    dataset's sample weights) of the global batch, of which this rank takes its slice."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, weights: np.ndarray | None = None,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must divide by the number of processes {world_size}")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world_size
+        self.p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        return rng.choice(self.n, size=self.batch_size, replace=True, p=self.p)
+
+    def indices(self, step: int) -> np.ndarray:
+        per_rank = self.batch_size // self.world
+        return self.global_batch(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+
+def _caption(item: dict, rng: np.random.Generator) -> str:
+    if "captions" in item and item["captions"]:
+        return item["captions"][int(rng.integers(len(item["captions"])))]
+    return item["caption"]
+
+
+def load_batch(dataset, indices: Sequence[int], seed: int, step: int, tokenizer: Tokenizer,
+               pool=None) -> tuple[Tensor, Tensor]:
+    """(B, 3, R, R) pixels and (B, L) token ids for the given examples; caption choice seeded."""
+    items = list(pool.map(dataset.__getitem__, indices)) if pool else [dataset[int(i)] for i in indices]
+    rng = np.random.default_rng([seed, step, 1])
+    captions = [_caption(item, rng) for item in items]
+    pixels = torch.from_numpy(np.stack([item["pixels"] for item in items]))
+    return pixels, torch.from_numpy(tokenizer.encode(captions))
+
+
+# -- logging ---------------------------------------------------------------------------------
+def routing_stats(routing: Sequence[RoutingInfo], modality: str) -> dict[str, Any]:
+    """Per MoE layer: share of this modality's kept token choices per expert, dropped rate."""
+    out = {}
+    for info in routing:
+        plan = info.plan
+        real = plan.mask.unsqueeze(-1).expand_as(plan.expert_index)
+        kept = plan.kept & real
+        counts = torch.bincount(plan.expert_index[kept].flatten(), minlength=plan.num_experts).float()
+        out[f"{modality}/layer{info.layer}"] = {
+            "usage": (counts / counts.sum().clamp_min(1)).round(decimals=4).tolist(),
+            "dropped": round(float(plan.dropped.sum() / real.sum().clamp_min(1)), 4),
+        }
+    return out
+
+
+# -- distributed -----------------------------------------------------------------------------
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def gather(x: Tensor) -> Tensor:
+    """All ranks' rows (CLIP-style global batch). Other ranks' rows are constants here; each rank
+    back-propagates through its own rows and DDP averages the gradients (OpenCLIP's default)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, x.detach().contiguous())
+    rows[dist.get_rank()] = x
+    return torch.cat(rows, dim=0)
+
+
+# -- the loop --------------------------------------------------------------------------------
+def _save(out: Path, model: LIMoE, tokenizer: Tokenizer, opt, step: int, train_cfg: TrainConfig,
+          extra: dict | None = None) -> None:
+    """model.safetensors (weights, config, tokenizer) + train_state.pt (optimizer, step), atomically."""
+    save_checkpoint(model, out / "model.safetensors", tokenizer=tokenizer,
+                    extra={"step": step, "train": asdict(train_cfg), **(extra or {})})
+    tmp = out / "train_state.pt.tmp"
+    torch.save({"optimizer": opt.state_dict(), "step": step, "train": asdict(train_cfg)}, tmp)
+    tmp.replace(out / "train_state.pt")
+
+
+def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: Tokenizer, out: str | Path,
+          resume: bool = True, progress: bool = True, stop_at: int | None = None) -> LIMoE:
+    """Train (or resume training in `out`) and return the model. Works under torchrun.
+
+    `stop_at` ends this invocation after that step (with a checkpoint), as a preempted job
+    would; running again with the same arguments continues exactly where it stopped."""
+    rank, world, device = setup_distributed()
+    out = Path(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    torch.manual_seed(train_cfg.seed)
+    model = LIMoE(model_cfg)
+    if resume and (out / "train_state.pt").exists():
+        model, _ = load_checkpoint(out / "model.safetensors")
+        model_cfg = model.cfg
+    model.to(device).train()
+    opt = make_optimizer(model, train_cfg)
+    if resume and (out / "train_state.pt").exists():
+        state = torch.load(out / "train_state.pt", map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sampler = StepSampler(len(dataset), train_cfg.batch_size, train_cfg.seed,
+                          getattr(dataset, "sample_weights", None), rank, world)
+    pool = None
+    if train_cfg.num_workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(train_cfg.num_workers)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=train_cfg.steps, initial=start, desc="train", unit="step")
+    log = open(out / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    try:
+        end = train_cfg.steps if stop_at is None else min(stop_at, train_cfg.steps)
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            torch.manual_seed(train_cfg.seed * 1_000_003 + step)  # router noise etc.: a function of the step
+            pixels, tokens = load_batch(dataset, sampler.indices(step), train_cfg.seed, step, tokenizer, pool)
+            pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            lr = learning_rate(step, train_cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast:
+                output = ddp(pixels, tokens)
+                terms = limoe_loss(gather(output.image_embeds.float()), gather(output.text_embeds.float()),
+                                   output.logit_scale, output.image_routing, output.text_routing, model_cfg)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
+            opt.step()
+            seconds = time.perf_counter() - t0
+            done = step + 1
+            if log is not None and (done % train_cfg.log_every == 0 or done == train_cfg.steps):
+                record = {"step": done, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in terms.items()},
+                          "grad_norm": round(float(grad_norm), 4), "logit_scale": round(float(output.logit_scale.detach()), 4),
+                          "examples_per_s": round(train_cfg.batch_size / seconds, 2),
+                          "routing": {**routing_stats(output.image_routing, "image"),
+                                      **routing_stats(output.text_routing, "text")}}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", lr=f"{lr:.2e}")
+            if rank == 0 and (done % train_cfg.checkpoint_every == 0 or done in (train_cfg.steps, end)):
+                _save(out, model, tokenizer, opt, done, train_cfg)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        if pool is not None:
+            pool.shutdown()
+    if world > 1:
+        dist.barrier()
+    return model.eval()

@@ -1,0 +1,134 @@
+"""Training: schedule, weight decay groups, exact resume, logs, and 2-process DDP on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from servers import free_port
+from limoe.checkpoint import load_checkpoint, read_tokenizer
+from limoe.config import get_config
+from limoe.model import LIMoE
+from limoe.tokenizer import Tokenizer
+from limoe.train import StepSampler, TrainConfig, learning_rate, make_optimizer, train
+
+COLORS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
+
+
+class ColorSquares:
+    """A tiny dataset: flat-coloured images with a few caption variants."""
+
+    def __init__(self, size=16, n=64):
+        self.names = list(COLORS)
+        self.size, self.n = size, n
+        self.sample_weights = np.ones(n)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        name = self.names[int(i) % len(self.names)]
+        pixels = np.ones((3, self.size, self.size), np.float32) * np.array(COLORS[name], np.float32)[:, None, None]
+        return {"pixels": pixels, "captions": [name, f"a {name} square", f"something {name}"], "label": name}
+
+
+def tokenizer(cfg):
+    captions = [c for name in COLORS for c in (name, f"a {name} square", f"something {name}")]
+    return Tokenizer.train(captions * 5, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)  # cosine starts at the peak
+    assert learning_rate(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    model = LIMoE(get_config("tiny"))
+    decay, no_decay = make_optimizer(model, TrainConfig()).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert model.logit_scale in no_decay["params"]
+
+
+def test_step_sampler_is_a_function_of_the_step_and_splits_ranks():
+    s = StepSampler(100, 8, seed=3)
+    assert (s.indices(5) == StepSampler(100, 8, seed=3).indices(5)).all()
+    assert not (s.indices(5) == s.indices(6)).all()
+    r0, r1 = StepSampler(100, 8, 3, rank=0, world_size=2), StepSampler(100, 8, 3, rank=1, world_size=2)
+    assert np.concatenate([r0.indices(5), r1.indices(5)]).tolist() == s.indices(5).tolist()
+    weighted = StepSampler(3, 3000, seed=0, weights=np.array([1.0, 0.0, 3.0]))
+    counts = np.bincount(weighted.indices(0), minlength=3)
+    assert counts[1] == 0 and abs(counts[2] / counts[0] - 3) < 0.5
+
+
+def test_training_learns_logs_and_resumes_exactly(tmp_path):
+    cfg = get_config("tiny", router_noise_std=0.1)
+    tok, data = tokenizer(cfg), ColorSquares()
+    tc = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, checkpoint_every=20)
+    model = train(cfg, tc, data, tok, tmp_path / "full", progress=False)
+
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first, last = log[0], log[-1]
+    assert {"contrastive", "local_entropy_image", "global_entropy_text", "total", "lr", "examples_per_s"} <= set(first)
+    assert last["contrastive"] < first["contrastive"]
+    usage = last["routing"]["image/layer1"]
+    assert len(usage["usage"]) == cfg.num_experts and sum(usage["usage"]) == pytest.approx(1.0, abs=1e-3)
+    assert 0.0 <= usage["dropped"] <= 1.0
+
+    # Zero-shot on the training colours works after 40 steps.
+    with torch.no_grad():
+        images = torch.from_numpy(np.stack([data[i]["pixels"] for i in range(4)]))
+        texts = torch.from_numpy(tok.encode([f"a {name} square" for name in data.names]))
+        pred = (model.encode_image(images) @ model.encode_text(texts).T).argmax(-1)
+    assert pred.tolist() == [0, 1, 2, 3]
+
+    # Stop at step 20 (a checkpoint), resume to 40: the same weights as the uninterrupted run.
+    train(cfg, tc, data, tok, tmp_path / "split", progress=False, stop_at=20)
+    assert len((tmp_path / "split" / "log.jsonl").read_text().splitlines()) == 20
+    resumed = train(cfg, tc, data, tok, tmp_path / "split", progress=False)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert (tmp_path / "split" / "log.jsonl").read_text() .count("\n") == 40
+    saved, extra = load_checkpoint(tmp_path / "split" / "model.safetensors")
+    assert extra["step"] == 40 and read_tokenizer(tmp_path / "split" / "model.safetensors") is not None
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from test_train import ColorSquares, tokenizer
+    from limoe.config import get_config
+    from limoe.train import TrainConfig, train
+
+    cfg = get_config("tiny")
+    model = train(cfg, TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=1), ColorSquares(),
+                  tokenizer(cfg), {out!r}, progress=False)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    if dist.get_rank() == 0:
+        print("max diff between ranks", float((gathered[0] - gathered[1]).abs().max()))
+    dist.destroy_process_group()
+""")
+
+
+def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / "run")))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}",
+                          str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "max diff between ranks 0.0" in out.stdout
+    assert (tmp_path / "run" / "model.safetensors").exists()
