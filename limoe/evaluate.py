@@ -1,0 +1,247 @@
+"""Evaluation: zero-shot classification, image-text retrieval and routing analysis.
+
+Everything works on an `Encoders` pair (numpy in, numpy out), so a torch checkpoint and an
+exported store entry (ONNX, no torch) are evaluated by the same code:
+
+    encode_images((B, 3, R, R) float32) -> (embeddings (B, P), expert_index (B, M, T, K), dropped)
+    encode_tokens((B, L) int64)         -> the same for texts
+
+Routing analysis (the paper's Section 5): per MoE layer, each expert's share of image versus
+text tokens (normalised per modality, since images have more tokens than texts), the usage
+entropy per modality, the dropped-token rate per modality, and how many experts are
+image-only, text-only or shared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from limoe.templates import DEFAULT_TEMPLATES
+from limoe.tokenizer import Tokenizer
+from limoe.zeroshot import build_zero_shot_classifier
+
+Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+MODALITY_ONLY = 0.9  # an expert is "image-only" when >= 90% of its normalised load is image tokens
+
+
+@dataclass
+class Encoders:
+    encode_images: Encode
+    encode_tokens: Encode
+    tokenizer: Tokenizer
+    moe_layers: list[int]
+    num_experts: int
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Encoders":
+        import torch
+
+        from limoe.checkpoint import load_checkpoint, read_tokenizer
+        from limoe.export import ImageEncoder, TextEncoder
+
+        model, _ = load_checkpoint(path)
+        tokenizer = read_tokenizer(path)
+        if tokenizer is None:
+            raise ValueError(f"{path} holds no tokenizer")
+        image, text = ImageEncoder(model).eval(), TextEncoder(model).eval()
+
+        def run(module):
+            def f(x: np.ndarray):
+                with torch.inference_mode():
+                    return tuple(t.numpy() for t in module(torch.from_numpy(x)))
+            return f
+
+        return cls(run(image), run(text), tokenizer, list(model.cfg.moe_layer_ids), model.cfg.num_experts)
+
+    @classmethod
+    def from_store_entry(cls, path: str | Path) -> "Encoders":
+        from limoe.onnx_encoder import OnnxEncoders
+
+        enc = OnnxEncoders.from_entry(path)
+        moe = enc.manifest.data["moe"]
+
+        def unpack(f):
+            return lambda x: tuple(vars(f(x)).values())
+
+        return cls(unpack(enc.encode_images), unpack(enc.encode_tokens), enc.tokenizer, list(moe["layers"]),
+                   moe["num_experts"])
+
+
+def _batched(fn: Encode, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts = [fn(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+
+# -- metrics -------------------------------------------------------------------------------------
+def topk_accuracy(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """scores (N, C), targets (N,) -> {"top1": ..., "top5": ...}; k is capped at C."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return {f"top{k}": float((order[:, :min(k, scores.shape[1])] == targets[:, None]).any(1).mean()) for k in ks}
+
+
+def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Pair i is (image i, text i). Recall@k both ways."""
+    sim = image_emb @ text_emb.T  # (N, N)
+    out = {}
+    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+        rank = (s > np.diag(s)[:, None]).sum(1)  # how many candidates beat the true pair
+        for k in ks:
+            out[f"{name}_r@{k}"] = float((rank < k).mean())
+    return out
+
+
+def routing_analysis(per_modality: dict[str, tuple[np.ndarray, np.ndarray]], layers: Sequence[int],
+                     num_experts: int) -> dict:
+    """per_modality[m] = (expert_index (N, M, T, K), dropped) over an eval set."""
+    report = {"layers": []}
+    for li, layer in enumerate(layers):
+        usage, dropped_rate, entropy = {}, {}, {}
+        for modality, (index, dropped) in per_modality.items():
+            idx, drop = index[:, li], dropped[:, li]
+            real = idx >= 0
+            counts = np.bincount(idx[real & ~drop], minlength=num_experts).astype(np.float64)
+            usage[modality] = counts / max(1.0, counts.sum())
+            dropped_rate[modality] = float((real & drop).sum() / max(1, real.sum()))
+            p = usage[modality][usage[modality] > 0]
+            entropy[modality] = float(-(p * np.log(p)).sum())
+        image, text = usage.get("image", np.zeros(num_experts)), usage.get("text", np.zeros(num_experts))
+        total = image + text
+        share = np.divide(image, total, out=np.full(num_experts, np.nan), where=total > 0)
+        kinds = ["unused" if t < 1e-3 else "image" if s >= MODALITY_ONLY else "text" if s <= 1 - MODALITY_ONLY
+                 else "shared" for s, t in zip(share, total)]
+        report["layers"].append({
+            "layer": layer,
+            "usage": {m: u.round(4).tolist() for m, u in usage.items()},
+            "image_share": [None if math.isnan(s) else round(float(s), 4) for s in share],
+            "usage_entropy": {m: round(v, 4) for m, v in entropy.items()},
+            "max_entropy": round(math.log(num_experts), 4),
+            "dropped_rate": {m: round(v, 4) for m, v in dropped_rate.items()},
+            "experts": {k: kinds.count(k) for k in ("image", "text", "shared", "unused")},
+        })
+    return report
+
+
+# -- the evaluation ------------------------------------------------------------------------------
+@dataclass
+class EvalSet:
+    """One zero-shot task: images with a class label each (and a caption for retrieval)."""
+
+    name: str
+    pixels: np.ndarray  # (N, 3, R, R)
+    labels: list[str]  # (N,) class names, used as the zero-shot class prompts
+    captions: list[str] | None = None  # (N,) for retrieval; None skips it
+
+
+def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = DEFAULT_TEMPLATES,
+             max_retrieval: int = 1000) -> dict:
+    results: dict = {"zero_shot": {}, "retrieval": {}}
+    routing_images, routing_texts = [], []
+    for s in sets:
+        classes = sorted(set(s.labels))
+        targets = np.array([classes.index(label) for label in s.labels])
+        img_emb, img_idx, img_drop = _batched(enc.encode_images, s.pixels)
+        routing_images.append((img_idx, img_drop))
+        w = build_zero_shot_classifier(lambda ids: _batched(enc.encode_tokens, ids)[0], enc.tokenizer, classes,
+                                       templates)
+        results["zero_shot"][s.name] = {**topk_accuracy(img_emb @ w, targets), "classes": len(classes),
+                                        "images": len(s.labels)}
+        if s.captions:
+            n = min(max_retrieval, len(s.captions))
+            txt_emb, txt_idx, txt_drop = _batched(enc.encode_tokens, enc.tokenizer.encode(s.captions[:n]))
+            routing_texts.append((txt_idx, txt_drop))
+            results["retrieval"][s.name] = {**retrieval_recall(img_emb[:n], txt_emb), "pairs": n}
+    if enc.moe_layers and routing_images:
+        per_modality = {"image": tuple(np.concatenate([r[j] for r in routing_images]) for j in range(2))}
+        if routing_texts:
+            per_modality["text"] = tuple(np.concatenate([r[j] for r in routing_texts]) for j in range(2))
+        results["routing"] = routing_analysis(per_modality, enc.moe_layers, enc.num_experts)
+    return results
+
+
+def format_results(results: dict) -> str:
+    lines = [f"{'zero-shot':32s} {'top-1':>7s} {'top-5':>7s} {'classes':>8s} {'images':>7s}"]
+    for name, r in results["zero_shot"].items():
+        lines.append(f"{name:32s} {r['top1']:7.2%} {r['top5']:7.2%} {r['classes']:8d} {r['images']:7d}")
+    if results["retrieval"]:
+        lines.append(f"\n{'retrieval':32s} {'i->t@1':>7s} {'i->t@5':>7s} {'t->i@1':>7s} {'t->i@5':>7s}")
+        for name, r in results["retrieval"].items():
+            lines.append(f"{name:32s} {r['image_to_text_r@1']:7.2%} {r['image_to_text_r@5']:7.2%} "
+                         f"{r['text_to_image_r@1']:7.2%} {r['text_to_image_r@5']:7.2%}")
+    if "routing" in results:
+        lines.append(f"\n{'routing layer':14s} {'H(img)':>7s} {'H(txt)':>7s} {'drop img':>9s} {'drop txt':>9s} "
+                     f"{'img-only':>9s} {'txt-only':>9s} {'shared':>7s} {'unused':>7s}")
+        for r in results["routing"]["layers"]:
+            e, d, k = r["usage_entropy"], r["dropped_rate"], r["experts"]
+            lines.append(f"{r['layer']:<14d} {e.get('image', 0):7.3f} {e.get('text', 0):7.3f} "
+                         f"{d.get('image', 0):9.2%} {d.get('text', 0):9.2%} {k['image']:9d} {k['text']:9d} "
+                         f"{k['shared']:7d} {k['unused']:7d}")
+    return "\n".join(lines)
+
+
+def write_results(results: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+# -- plots ---------------------------------------------------------------------------------------
+def plot_expert_usage(routing: dict, path: str | Path) -> Path:
+    """One panel per MoE layer: each expert's share of image tokens and of text tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = routing["layers"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 2.8), squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], layers):
+        e = np.arange(len(r["usage"]["image"]))
+        ax.bar(e - 0.2, r["usage"]["image"], 0.4, label="image tokens", color="#1f77b4")
+        if "text" in r["usage"]:
+            ax.bar(e + 0.2, r["usage"]["text"], 0.4, label="text tokens", color="#ff7f0e")
+        k = r["experts"]
+        ax.set_title(f"layer {r['layer']}: {k['image']} img / {k['text']} txt / {k['shared']} shared", fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_xticks(e)
+    axes[0][0].set_ylabel("share of the modality's tokens")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_routing_maps(pixels: np.ndarray, expert_index: np.ndarray, layers: Sequence[int], num_experts: int,
+                      mean: Sequence[float], std: Sequence[float], path: str | Path) -> Path:
+    """Rows: sample images; columns: the image, then each MoE layer's top-1 expert per patch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, m = len(pixels), len(layers)
+    side = int(round(math.sqrt(expert_index.shape[2])))
+    cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20", num_experts)
+    fig, axes = plt.subplots(n, m + 1, figsize=(1.6 * (m + 1), 1.6 * n), squeeze=False)
+    for i in range(n):
+        img = pixels[i].transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+        axes[i][0].imshow(np.clip(img, 0, 1))
+        for j in range(m):
+            grid = expert_index[i, j, :, 0].reshape(side, side).astype(float)
+            grid[grid < 0] = np.nan
+            axes[i][j + 1].imshow(grid, cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5)
+            if i == 0:
+                axes[i][j + 1].set_title(f"layer {layers[j]}", fontsize=8)
+        if i == 0:
+            axes[i][0].set_title("image", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,75 @@
+"""Evaluation metrics by hand, and the whole evaluation on a checkpoint and its export."""
+
+import numpy as np
+import pytest
+import torch
+
+from limoe.evaluate import (EvalSet, Encoders, evaluate, format_results, retrieval_recall, routing_analysis,
+                            topk_accuracy)
+
+
+def test_topk_accuracy_by_hand():
+    scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    # argmax: 1, 0, 2; targets 1, 2, 0 -> top-1 1/3; top-2: row 1 ranks (0, 1|2), row 2 ranks (2, 1)
+    assert topk_accuracy(scores, np.array([1, 2, 0]), ks=(1, 2)) == {"top1": pytest.approx(1 / 3),
+                                                                      "top2": pytest.approx(1 / 3)}
+    assert topk_accuracy(scores, np.array([1, 0, 2]), ks=(1, 5))["top5"] == 1.0  # k capped at C
+
+
+def test_retrieval_recall_by_hand():
+    img = np.eye(3)
+    txt = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # texts 1 and 2 swapped
+    r = retrieval_recall(img, txt, ks=(1, 2))
+    # image 1's true text (0, 0, 1) scores 0 and is beaten only by text 2 (score 1): rank 1, so
+    # it is found at k=2 but not k=1; the same for image 2. Ties do not beat the true pair.
+    assert r["image_to_text_r@1"] == pytest.approx(1 / 3) and r["image_to_text_r@2"] == 1.0
+    assert r["text_to_image_r@1"] == pytest.approx(1 / 3)
+
+
+def test_routing_analysis_by_hand():
+    # 1 layer, 2 experts, K=1. Images: 4 tokens on e0, none dropped. Texts: 1 token on e0,
+    # 3 on e1, one more on e1 dropped, one padding (-1).
+    img = np.array([[[[0], [0], [0], [0]]]])  # (N=1, M=1, T=4, K=1)
+    txt = np.array([[[[0], [1], [1], [1], [1], [-1]]]])
+    txt_drop = np.zeros_like(txt, bool)
+    txt_drop[0, 0, 4, 0] = True
+    r = routing_analysis({"image": (img, np.zeros_like(img, bool)), "text": (txt, txt_drop)}, [1], 2)["layers"][0]
+    assert r["usage"] == {"image": [1.0, 0.0], "text": [0.25, 0.75]}
+    # e0: image 1.0 vs text 0.25 -> share 0.8 (shared); e1: 0 vs 0.75 -> share 0 (text-only)
+    assert r["image_share"] == [0.8, 0.0]
+    assert r["experts"] == {"image": 0, "text": 1, "shared": 1, "unused": 0}
+    assert r["dropped_rate"] == {"image": 0.0, "text": 0.2}  # 1 of 5 real text tokens
+    assert r["usage_entropy"]["image"] == 0.0
+    assert r["usage_entropy"]["text"] == pytest.approx(-(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), abs=1e-4)
+
+
+def test_checkpoint_and_export_evaluate_the_same(exported):
+    model, _, entry, ckpt = exported
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(12, 3, cfg.image_size, cfg.image_size, generator=g).numpy()
+    labels = ["red circle", "blue square", "cat"] * 4
+    sets = [EvalSet("toy", pixels, labels, captions=[f"a {x}" for x in labels])]
+    a = evaluate(Encoders.from_checkpoint(ckpt), sets)
+    b = evaluate(Encoders.from_store_entry(entry), sets)
+    assert a["zero_shot"] == b["zero_shot"] and a["retrieval"] == b["retrieval"]
+    assert a["routing"]["layers"][0]["usage"] == b["routing"]["layers"][0]["usage"]
+    assert a["zero_shot"]["toy"]["classes"] == 3 and a["retrieval"]["toy"]["pairs"] == 12
+    table = format_results(a)
+    assert "toy" in table and "routing layer" in table
+
+
+def test_plots_are_written(tmp_path):
+    from PIL import Image
+
+    from limoe.evaluate import plot_expert_usage, plot_routing_maps
+
+    img = np.random.default_rng(0).integers(-1, 3, (2, 2, 16, 1))
+    txt = np.random.default_rng(1).integers(-1, 3, (2, 2, 8, 1))
+    routing = routing_analysis({"image": (img, img < -5), "text": (txt, txt < -5)}, [1, 3], 3)
+    a = plot_expert_usage(routing, tmp_path / "usage.png")
+    b = plot_routing_maps(np.zeros((2, 3, 16, 16), np.float32), img, [1, 3], 3, (0.5,) * 3, (0.5,) * 3,
+                          tmp_path / "maps.png")
+    for path in (a, b):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 100
