@@ -142,23 +142,30 @@ def respond(engine: Engine, results: list, explain: bool) -> JSONResponse:
     return JSONResponse(body)
 
 
+async def _classify(request: Request, bulk: bool) -> JSONResponse:
+    engine: Engine = request.app.state.engine
+    s = engine.settings
+    engine.require_ready()
+    limit = s.max_bulk_images if bulk else s.max_images_per_request
+    req = await parse_classify(request, limit, s.max_labels)
+    if not req["images"]:
+        raise Unprocessable("give at least one image", "no_images")
+    if len(req["images"]) > limit:
+        hint = "per bulk request" if bulk else "per request (use /v1/classify/bulk for more)"
+        raise Unprocessable(f"{len(req['images'])} images; at most {limit} {hint}", "too_many_images")
+    # Bulk work may take longer than one request's deadline: scale it by the number of batches.
+    batches = -(-len(req["images"]) // s.max_batch_size) if bulk else 1
+    results = await answer(request, engine.classify(req["images"], req["labels"], req["templates"], req["top_k"],
+                                                    bulk=bulk), s.request_timeout_s * batches)
+    return respond(engine, results, req["explain"])
+
+
 @router.post("/classify", summary="Zero-shot classify one or more images",
              openapi_extra=_classify_body(16),
              responses={200: {"description": "ranked labels per image, or that image's error",
                               "content": {"application/json": {"example": _RESULTS_EXAMPLE}}}})
 async def classify(request: Request) -> JSONResponse:
-    engine: Engine = request.app.state.engine
-    s = engine.settings
-    engine.require_ready()
-    req = await parse_classify(request, s.max_images_per_request, s.max_labels)
-    if not req["images"]:
-        raise Unprocessable("give at least one image", "no_images")
-    if len(req["images"]) > s.max_images_per_request:
-        raise Unprocessable(f"{len(req['images'])} images; at most {s.max_images_per_request} per request "
-                            "(use /v1/classify/bulk for more)", "too_many_images")
-    results = await answer(request, engine.classify(req["images"], req["labels"], req["templates"], req["top_k"]),
-                           s.request_timeout_s)
-    return respond(engine, results, req["explain"])
+    return await _classify(request, bulk=False)
 
 
 @router.post("/classify/bulk", summary="Classify many images against one label set",
@@ -166,20 +173,7 @@ async def classify(request: Request) -> JSONResponse:
              responses={200: {"description": "per-image results in input order",
                               "content": {"application/json": {"example": _RESULTS_EXAMPLE}}}})
 async def classify_bulk(request: Request) -> JSONResponse:
-    engine: Engine = request.app.state.engine
-    s = engine.settings
-    engine.require_ready()
-    req = await parse_classify(request, s.max_bulk_images, s.max_labels)
-    if not req["images"]:
-        raise Unprocessable("give at least one image", "no_images")
-    if len(req["images"]) > s.max_bulk_images:
-        raise Unprocessable(f"{len(req['images'])} images; at most {s.max_bulk_images} per bulk request",
-                            "too_many_images")
-    # Bulk work may take longer than one request's deadline: scale it by the number of batches.
-    batches = -(-len(req["images"]) // s.max_batch_size)
-    results = await answer(request, engine.classify(req["images"], req["labels"], req["templates"], req["top_k"],
-                                                    bulk=True), s.request_timeout_s * max(1, batches))
-    return respond(engine, results, req["explain"])
+    return await _classify(request, bulk=True)
 
 
 @router.post("/embed", summary="Image and/or text embeddings",
