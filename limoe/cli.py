@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -69,6 +71,61 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MIX = "emoji:2,icons:1,mnist:0.5,scenes:1"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from limoe.config import dense_counterpart, get_config
+    from limoe.data.dataset import MixDataset
+    from limoe.preprocess import PreprocessConfig
+    from limoe.tokenizer import Tokenizer
+    from limoe.train import TrainConfig, train
+
+    overrides = {}
+    for kv in args.set or []:
+        key, _, value = kv.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" and value not in ("t", "f") else value
+    cfg = get_config(args.preset, **overrides)
+    if args.dense:
+        cfg = dense_counterpart(cfg)
+    data = MixDataset(args.data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=args.cache,
+                      seed=args.seed, return_captions=True)
+    out = Path(args.out)
+    tok_path = out / "tokenizer.json"
+    if tok_path.exists():  # resuming: keep the vocabulary the weights were trained with
+        tokenizer = Tokenizer.load(tok_path)
+    else:
+        tokenizer = Tokenizer.train((c for item in data.items for c in item["captions"]), cfg.vocab_size,
+                                    cfg.context_length)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tok_path)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                     seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers)
+    print(f"training {args.preset}{' (dense)' if args.dense else ''} on {len(data)} examples "
+          f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
+    train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at)
+    print(f"checkpoint: {out / 'model.safetensors'}; log: {out / 'log.jsonl'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from limoe.evaluate import Encoders, evaluate, format_results, plot_expert_usage, write_results
+    from limoe.evaluate_sets import default_eval_sets
+
+    target = Path(args.target)
+    enc = Encoders.from_store_entry(target) if target.is_dir() else Encoders.from_checkpoint(target)
+    sets = default_eval_sets(enc, cache=args.cache, limit=args.limit)
+    results = evaluate(enc, sets)
+    print(format_results(results))
+    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval.json"
+    write_results(results, out)
+    if "routing" in results and args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plot_expert_usage(results["routing"], Path(args.plots) / "expert_usage.png")
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from service.cli import serve
 
@@ -101,6 +158,36 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, help="ONNX opset (default: limoe.export.DEFAULT_OPSET)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
     export.set_defaults(func=_cmd_export)
+
+    train = sub.add_parser("train", help="contrastive training (single process, or under torchrun for DDP)")
+    train.add_argument("--preset", default="small")
+    train.add_argument("--data", default=DEFAULT_MIX, help=f"mix of prepared sources (default {DEFAULT_MIX})")
+    train.add_argument("--cache", help="data cache (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
+    train.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, tokenizer.json")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--warmup", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=200)
+    train.add_argument("--workers", type=int, default=2, help="threads decoding images")
+    train.add_argument("--stop-at", type=int, help="end this run after that step (resume later)")
+    train.add_argument("--dense", action="store_true", help="the dense model of equal active FLOPs")
+    train.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                       help="override a config field, e.g. --set aux_loss=classic --set router_noise_std=0.125")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="zero-shot, retrieval and routing analysis of a checkpoint or store entry")
+    ev.add_argument("target", help="a .safetensors checkpoint or a model store entry directory")
+    ev.add_argument("--cache", help="data cache with the prepared sources")
+    ev.add_argument("--limit", type=int, default=2000, help="images per evaluation set at most")
+    ev.add_argument("--out", help="results JSON (default: eval.json next to the target)")
+    ev.add_argument("--plots", help="directory for routing plots")
+    ev.set_defaults(func=_cmd_eval)
+
+    from limoe.data.cli import add_data_parser
+
+    add_data_parser(sub)
 
     serve = sub.add_parser("serve", help="run the HTTP service (settings from LIMOE_* variables)")
     serve.add_argument("--host", help="bind address (LIMOE_HOST, default 127.0.0.1)")

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from limoe.preprocess import PreprocessConfig
 from limoe.templates import DEFAULT_TEMPLATES
 from limoe.tokenizer import Tokenizer
 from limoe.zeroshot import build_zero_shot_classifier
@@ -37,6 +38,7 @@ class Encoders:
     tokenizer: Tokenizer
     moe_layers: list[int]
     num_experts: int
+    preprocess: PreprocessConfig
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "Encoders":
@@ -57,7 +59,8 @@ class Encoders:
                     return tuple(t.numpy() for t in module(torch.from_numpy(x)))
             return f
 
-        return cls(run(image), run(text), tokenizer, list(model.cfg.moe_layer_ids), model.cfg.num_experts)
+        return cls(run(image), run(text), tokenizer, list(model.cfg.moe_layer_ids), model.cfg.num_experts,
+                   PreprocessConfig.from_model_config(model.cfg))
 
     @classmethod
     def from_store_entry(cls, path: str | Path) -> "Encoders":
@@ -70,7 +73,7 @@ class Encoders:
             return lambda x: tuple(vars(f(x)).values())
 
         return cls(unpack(enc.encode_images), unpack(enc.encode_tokens), enc.tokenizer, list(moe["layers"]),
-                   moe["num_experts"])
+                   moe["num_experts"], enc.preprocess)
 
 
 def _batched(fn: Encode, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -165,13 +168,13 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
 
 
 def format_results(results: dict) -> str:
-    lines = [f"{'zero-shot':32s} {'top-1':>7s} {'top-5':>7s} {'classes':>8s} {'images':>7s}"]
+    lines = [f"{'zero-shot':50s} {'top-1':>7s} {'top-5':>7s} {'classes':>8s} {'images':>7s}"]
     for name, r in results["zero_shot"].items():
-        lines.append(f"{name:32s} {r['top1']:7.2%} {r['top5']:7.2%} {r['classes']:8d} {r['images']:7d}")
+        lines.append(f"{name:50s} {r['top1']:7.2%} {r['top5']:7.2%} {r['classes']:8d} {r['images']:7d}")
     if results["retrieval"]:
-        lines.append(f"\n{'retrieval':32s} {'i->t@1':>7s} {'i->t@5':>7s} {'t->i@1':>7s} {'t->i@5':>7s}")
+        lines.append(f"\n{'retrieval':50s} {'i->t@1':>7s} {'i->t@5':>7s} {'t->i@1':>7s} {'t->i@5':>7s}")
         for name, r in results["retrieval"].items():
-            lines.append(f"{name:32s} {r['image_to_text_r@1']:7.2%} {r['image_to_text_r@5']:7.2%} "
+            lines.append(f"{name:50s} {r['image_to_text_r@1']:7.2%} {r['image_to_text_r@5']:7.2%} "
                          f"{r['text_to_image_r@1']:7.2%} {r['text_to_image_r@5']:7.2%}")
     if "routing" in results:
         lines.append(f"\n{'routing layer':14s} {'H(img)':>7s} {'H(txt)':>7s} {'drop img':>9s} {'drop txt':>9s} "

@@ -132,3 +132,21 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "max diff between ranks 0.0" in out.stdout
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
+    from limoe.cli import main
+    from limoe.data.scenes import prepare_scenes
+
+    prepare_scenes(tmp_path / "cache", count=200)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", "scenes", "--cache", str(tmp_path / "cache"), "--out", str(out),
+                 "--steps", "3", "--batch-size", "8", "--workers", "0", "--warmup", "1"]) == 0
+    assert main(["eval", str(out / "model.safetensors"), "--cache", str(tmp_path / "cache"), "--limit", "50",
+                 "--plots", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert "scenes/held-out colour-shape pairs" in printed and "routing layer" in printed
+    results = json.loads((out / "eval.json").read_text())
+    held = results["zero_shot"]["scenes/held-out colour-shape pairs"]
+    assert 0 <= held["top1"] <= held["top5"] <= 1 and 2 <= held["classes"] <= 8  # the 8 held-out pairs
+    assert (tmp_path / "plots" / "expert_usage.png").exists()

@@ -1,0 +1,40 @@
+"""The standard evaluation sets over the prepared sources (see docs/DATA.md for what is held out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from limoe.evaluate import EvalSet
+
+# name -> (source, split, filter on item fields)
+STANDARD_SETS = {
+    "emoji/unseen-style (twitter art, seen concepts)": ("emoji", "test", {"style": "twitter", "concept_split": "train"}),
+    "emoji/unseen-concepts (google art)": ("emoji", "test", {"style": "google"}),
+    "icons/test": ("icons", "test", {}),
+    "mnist/test": ("mnist", "test", {}),
+    "scenes/held-out colour-shape pairs": ("scenes", "test", {"heldout": "combo"}),
+}
+
+
+def default_eval_sets(enc, cache: str | Path | None = None, limit: int = 2000, seed: int = 0) -> list[EvalSet]:
+    """Every standard set whose source is prepared in `cache`, at most `limit` images each
+    (a seeded subset, so runs compare on the same images)."""
+    from limoe.data.dataset import MixDataset
+
+    preprocess = enc.preprocess
+    sets = []
+    for name, (source, split, where) in STANDARD_SETS.items():
+        try:
+            ds = MixDataset(source, split=split, preprocess=preprocess, cache=cache, where=where, seed=seed)
+        except (FileNotFoundError, ValueError):
+            continue  # not prepared, or nothing matches
+        idx = np.random.default_rng(seed).permutation(len(ds))[:limit]
+        idx.sort()
+        items = [ds.items[i] for i in idx]
+        pixels = np.stack([ds[int(i)]["pixels"] for i in idx])
+        sets.append(EvalSet(name, pixels, [it["label"] for it in items], [it["captions"][0] for it in items]))
+    if not sets:
+        raise ValueError(f"no prepared evaluation data in {cache or 'the default cache'}; run `limoe data prepare`")
+    return sets
