@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -95,10 +96,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if tok_path.exists():  # resuming: keep the vocabulary the weights were trained with
         tokenizer = Tokenizer.load(tok_path)
     else:
+        # Deterministic, so every DDP rank trains the same one; rank 0 writes it (atomically).
         tokenizer = Tokenizer.train((c for item in data.items for c in item["captions"]), cfg.vocab_size,
                                     cfg.context_length)
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tok_path)
+        if os.environ.get("RANK", "0") == "0":
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(tok_path.with_suffix(".tmp"))
+            tok_path.with_suffix(".tmp").replace(tok_path)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                      seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers)
     print(f"training {args.preset}{' (dense)' if args.dense else ''} on {len(data)} examples "
