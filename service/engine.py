@@ -94,16 +94,24 @@ class Engine:
         self.ready = True
         self.metrics.ready.set(1)
 
+    def warm_up_sizes(self) -> list[int]:
+        """Batch sizes to warm up: every size up to 32, then powers of two and the maximum, so
+        start-up grows linearly (not quadratically) with LIMOE_MAX_BATCH_SIZE."""
+        top = self.settings.max_batch_size
+        sizes = set(range(1, min(top, 32) + 1)) | {2 ** k for k in range(top.bit_length()) if 2 ** k <= top} | {top}
+        return sorted(sizes)
+
     async def warm_up(self) -> None:
-        """Run every batch size once on both encoders: lazy allocations and kernel selection (and
+        """Run the batch sizes once on both encoders: lazy allocations and kernel selection (and
         cuDNN autotuning on GPU) happen now, not on the first user's request."""
         started = time.perf_counter()
         size = self.backend.preprocess.image_size
         bos_eos = self.backend.tokenizer.encode([""])[0]
-        for n in range(1, self.settings.max_batch_size + 1):
+        for n in self.warm_up_sizes():
             await self.image_batcher.run_direct(np.zeros((n, 3, size, size), np.float32))
             await self.text_batcher.run_direct(np.tile(bos_eos, (n, 1)))
-        log.info("warm-up: batch sizes 1..%d in %.1fs", self.settings.max_batch_size, time.perf_counter() - started)
+        log.info("warm-up: %d batch sizes up to %d in %.1fs", len(self.warm_up_sizes()), self.settings.max_batch_size,
+                 time.perf_counter() - started)
 
     async def stop(self) -> None:
         self.ready = False

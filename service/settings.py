@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    keep_alive_s: float = Field(65.0, gt=0, description="idle keep-alive; above load balancers' 60 s idle timeout")
 
     @field_validator("api_keys", mode="before")
     @classmethod
