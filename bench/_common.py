@@ -45,6 +45,18 @@ def add_model_args(p) -> None:
                         "(default: %(default)s)")
 
 
+def add_server_args(p, max_requests: int = 5000) -> None:
+    """Server and load settings every serving benchmark shares."""
+    p.add_argument("--max-requests", type=int, default=max_requests, help="requests per timed round at most")
+    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds of load first")
+    p.add_argument("--wait-ms", type=float, default=5.0, help="LIMOE_MAX_BATCH_WAIT_MS")
+    p.add_argument("--threads", type=int, default=1,
+                   help="LIMOE_THREADS, ONNX Runtime intra-op threads; 0 = its default, as the service (all "
+                        "cores). 1 by default: it leaves a core to HTTP and the load generator, and two "
+                        "spinning threads on a 2-core machine collapse whenever anything else runs")
+    p.add_argument("--format", choices=["json", "multipart"], default="json", help="request encoding")
+
+
 def ensure_store(store: str | None, model: str, cache: str | Path) -> Path:
     """The store root to serve `model` from. Without --store, a `small` model initialised with a
     fixed seed is exported once (about 25 s) into `cache` and reused by later runs."""

@@ -36,6 +36,7 @@ from _common import (
     LABELS,
     Server,
     add_model_args,
+    add_server_args,
     close_clients,
     closed_loop,
     diff,
@@ -59,18 +60,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     add_model_args(p)
+    add_server_args(p)
     p.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per server (interleaved)")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per round")
-    p.add_argument("--max-requests", type=int, default=5000, help="requests per round at most")
-    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds of load per server first")
     p.add_argument("--batch", type=int, default=32, help="max batch size of the batching server")
-    p.add_argument("--wait-ms", type=float, default=5.0, help="LIMOE_MAX_BATCH_WAIT_MS of both servers")
-    p.add_argument("--threads", type=int, default=1,
-                   help="LIMOE_THREADS, ONNX Runtime intra-op threads; 0 = its default, as the service (all "
-                        "cores). 1 by default: it leaves a core to HTTP and the load generator, and two "
-                        "spinning threads on a 2-core machine collapse whenever anything else runs")
-    p.add_argument("--format", choices=["json", "multipart"], default="json", help="request encoding")
     p.add_argument("--raw-seconds", type=float, default=1.0,
                    help="per round, seconds of the in-process encoder alone at batch 1 and at --batch "
                         "(the model's own batching ceiling; 0 to skip)")

@@ -36,6 +36,7 @@ from _common import (
     Load,
     Server,
     add_model_args,
+    add_server_args,
     close_clients,
     closed_loop,
     diff,
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     add_model_args(p)
+    add_server_args(p)
     p.add_argument("--clients", type=int, default=64, help="closed-loop clients when finding saturation")
     p.add_argument("--saturation-rounds", type=int, default=3)
     p.add_argument("--saturation-seconds", type=float, default=4.0, help="seconds per saturation round")
@@ -65,15 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of open-loop arrivals")
     p.add_argument("--drain", type=float, default=15.0, help="seconds to let outstanding requests finish")
     p.add_argument("--max-outstanding", type=int, default=512, help="open-loop requests in flight at most")
-    p.add_argument("--max-requests", type=int, default=5000, help="requests per closed-loop round at most")
-    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds of closed-loop load first")
     p.add_argument("--batch", type=int, default=32, help="LIMOE_MAX_BATCH_SIZE")
-    p.add_argument("--wait-ms", type=float, default=5.0, help="LIMOE_MAX_BATCH_WAIT_MS")
-    p.add_argument("--threads", type=int, default=1,
-                   help="LIMOE_THREADS, ONNX Runtime intra-op threads; 0 = its default, as the service (all "
-                        "cores). 1 by default: it leaves a core to HTTP and the load generator, and two "
-                        "spinning threads on a 2-core machine collapse whenever anything else runs")
-    p.add_argument("--format", choices=["json", "multipart"], default="json", help="request encoding")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     args = p.parse_args(argv)
 
