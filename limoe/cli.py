@@ -113,7 +113,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from limoe.evaluate import Encoders, evaluate, format_results, plot_expert_usage, write_results
+    import numpy as np
+
+    from limoe.evaluate import (Encoders, evaluate, format_results, plot_expert_usage, plot_routing_maps,
+                                record_evaluation, write_results)
     from limoe.evaluate_sets import default_eval_sets
 
     target = Path(args.target)
@@ -124,8 +127,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval.json"
     write_results(results, out)
     if "routing" in results and args.plots:
-        Path(args.plots).mkdir(parents=True, exist_ok=True)
-        plot_expert_usage(results["routing"], Path(args.plots) / "expert_usage.png")
+        plots = Path(args.plots)
+        plots.mkdir(parents=True, exist_ok=True)
+        plot_expert_usage(results["routing"], plots / "expert_usage.png")
+        sample = np.concatenate([s.pixels[:2] for s in sets])[:8]  # a few images of every set
+        p = enc.preprocess
+        plot_routing_maps(sample, enc.encode_images(sample)[1], enc.moe_layers, enc.num_experts, p.mean, p.std,
+                          plots / "routing_maps.png")
+    if not args.no_record:
+        record_evaluation(target, results)
+        print(f"recorded the results in {target / 'manifest.json' if target.is_dir() else target}")
     print(f"wrote {out}")
     return 0
 
@@ -186,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", help="data cache with the prepared sources")
     ev.add_argument("--limit", type=int, default=2000, help="images per evaluation set at most")
     ev.add_argument("--out", help="results JSON (default: eval.json next to the target)")
-    ev.add_argument("--plots", help="directory for routing plots")
+    ev.add_argument("--plots", help="directory for routing plots (expert usage, per-patch routing maps)")
+    ev.add_argument("--no-record", action="store_true",
+                    help="do not store the results in the checkpoint / the entry's manifest")
     ev.set_defaults(func=_cmd_eval)
 
     from limoe.data.cli import add_data_parser

@@ -191,6 +191,25 @@ def write_results(results: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
+def record_evaluation(target: str | Path, results: dict) -> None:
+    """Keep the results with the model: in a store entry's manifest ("evaluation"), or in a
+    checkpoint's metadata (extra["eval"]), from where `limoe export` copies them."""
+    target = Path(target)
+    if target.is_dir():
+        from limoe.model_store import MANIFEST, read_manifest
+
+        manifest = read_manifest(target).data
+        manifest["evaluation"] = results
+        tmp = target / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(target / MANIFEST)
+    else:
+        from limoe.checkpoint import load_checkpoint, read_tokenizer, save_checkpoint
+
+        model, extra = load_checkpoint(target)
+        save_checkpoint(model, target, extra={**extra, "eval": results}, tokenizer=read_tokenizer(target))
+
+
 # -- plots ---------------------------------------------------------------------------------------
 def plot_expert_usage(routing: dict, path: str | Path) -> Path:
     """One panel per MoE layer: each expert's share of image tokens and of text tokens."""

@@ -149,4 +149,16 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     results = json.loads((out / "eval.json").read_text())
     held = results["zero_shot"]["scenes/held-out colour-shape pairs"]
     assert 0 <= held["top1"] <= held["top5"] <= 1 and 2 <= held["classes"] <= 8  # the 8 held-out pairs
-    assert (tmp_path / "plots" / "expert_usage.png").exists()
+    assert (tmp_path / "plots" / "expert_usage.png").exists() and (tmp_path / "plots" / "routing_maps.png").exists()
+    # the results travel with the model: checkpoint metadata, then the exported manifest
+    from limoe.checkpoint import read_metadata
+    from limoe.model_store import read_manifest
+
+    assert read_metadata(out / "model.safetensors")[1]["eval"]["zero_shot"] == results["zero_shot"]
+    assert main(["export", str(out / "model.safetensors"), "--name", "t", "--store", str(tmp_path / "store")]) == 0
+    entry = tmp_path / "store" / "t" / "1"
+    assert read_manifest(entry).data["evaluation"]["zero_shot"] == results["zero_shot"]
+    assert main(["eval", str(entry), "--cache", str(tmp_path / "cache"), "--limit", "50"]) == 0
+    again = read_manifest(entry).data["evaluation"]["zero_shot"]  # the ONNX export on the same images
+    for name, r in results["zero_shot"].items():  # equal up to near-ties flipped by 1e-7 differences
+        assert again[name]["top1"] == pytest.approx(r["top1"], abs=0.05)
