@@ -107,7 +107,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers)
     print(f"training {args.preset}{' (dense)' if args.dense else ''} on {len(data)} examples "
           f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
-    train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at)
+    meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
+    train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta)
     print(f"checkpoint: {out / 'model.safetensors'}; log: {out / 'log.jsonl'}")
     return 0
 

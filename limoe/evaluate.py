@@ -196,10 +196,16 @@ def record_evaluation(target: str | Path, results: dict) -> None:
     checkpoint's metadata (extra["eval"]), from where `limoe export` copies them."""
     target = Path(target)
     if target.is_dir():
-        from limoe.model_store import MANIFEST, read_manifest
+        from limoe.model_card import render_model_card
+        from limoe.model_store import MANIFEST, file_record, read_manifest
 
         manifest = read_manifest(target).data
         manifest["evaluation"] = results
+        card = manifest["roles"].get("model_card")
+        if card:  # the card shows the evaluation: re-render it and its checksum
+            (target / card).write_text(render_model_card(manifest, manifest.get("training"), manifest.get("stats")),
+                                       encoding="utf-8")
+            manifest["files"][card] = file_record(target / card)
         tmp = target / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         tmp.replace(target / MANIFEST)

@@ -14,6 +14,7 @@ with M MoE layers, T tokens (patches or text positions), K experts per token.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -32,9 +33,11 @@ from torch import Tensor, nn
 import limoe
 from limoe.checkpoint import load_checkpoint, read_tokenizer
 from limoe.model import LIMoE
+from limoe.model_card import render_model_card
 from limoe.model_store import FORMAT, MANIFEST, Manifest, ModelStore, check_identifier, file_record, verify
 from limoe.moe import RoutingInfo
 from limoe.preprocess import PreprocessConfig
+from limoe.stats import model_stats
 from limoe.templates import DEFAULT_TEMPLATES
 from limoe.tokenizer import Tokenizer
 
@@ -253,8 +256,14 @@ def export_entry(
             "evaluation": extra.get("eval", {}),
             "quantization": {"int8": quantization} if quantization else {},
             "roles": roles,
-            "files": {f: file_record(tmp / f) for f in sorted(roles.values())},
         }
+        if "train" in extra:
+            manifest["training"] = {k: extra[k] for k in ("step", "train", "data", "sources") if k in extra}
+        manifest["stats"] = dataclasses.asdict(model_stats(cfg))
+        roles["model_card"] = "MODEL_CARD.md"
+        (tmp / roles["model_card"]).write_text(
+            render_model_card(manifest, manifest.get("training"), manifest["stats"]), encoding="utf-8")
+        manifest["files"] = {f: file_record(tmp / f) for f in sorted(roles.values())}
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         verify(tmp)

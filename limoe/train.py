@@ -158,11 +158,13 @@ def _save(out: Path, model: LIMoE, tokenizer: Tokenizer, opt, step: int, train_c
 
 
 def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: Tokenizer, out: str | Path,
-          resume: bool = True, progress: bool = True, stop_at: int | None = None) -> LIMoE:
+          resume: bool = True, progress: bool = True, stop_at: int | None = None,
+          meta: dict | None = None) -> LIMoE:
     """Train (or resume training in `out`) and return the model. Works under torchrun.
 
     `stop_at` ends this invocation after that step (with a checkpoint), as a preempted job
-    would; running again with the same arguments continues exactly where it stopped."""
+    would; running again with the same arguments continues exactly where it stopped. `meta`
+    (e.g. the data mix) is stored in every checkpoint, for the model card."""
     rank, world, device = setup_distributed()
     out = Path(out)
     if rank == 0:
@@ -227,7 +229,7 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", lr=f"{lr:.2e}")
             if rank == 0 and (done % train_cfg.checkpoint_every == 0 or done in (train_cfg.steps, end)):
-                _save(out, model, tokenizer, opt, done, train_cfg)
+                _save(out, model, tokenizer, opt, done, train_cfg, meta)
     finally:
         if bar is not None:
             bar.close()

@@ -32,6 +32,7 @@ def random_batch(cfg, n, seed=0):
     return images, tokens
 
 
+TOY_EVAL = {"zero_shot": {"toy": {"top1": 0.5, "top5": 1.0, "classes": 3, "images": 4}}, "retrieval": {}}
 CAPTIONS = [t.replace("{}", w) for t in DEFAULT_TEMPLATES for w in ("red circle", "blue square", "cat")]
 
 
@@ -46,7 +47,7 @@ def exported(tmp_path_factory):
         for block in model.blocks[1:]:
             block.mlp.router.weight.mul_(50)
     tok = Tokenizer.train(CAPTIONS, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
-    ckpt = save_checkpoint(model, root / "tiny.safetensors", extra={"eval": {"top1": 0.5}}, tokenizer=tok)
+    ckpt = save_checkpoint(model, root / "tiny.safetensors", extra={"eval": TOY_EVAL}, tokenizer=tok)
     assert main(["export", str(ckpt), "--name", "tiny", "--store", str(root / "store"), "--quantize", "int8"]) == 0
     entry = root / "store" / "tiny" / "1"
     return model, tok, entry, ckpt

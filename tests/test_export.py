@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_batch
+from conftest import TOY_EVAL, random_batch
 from limoe.checkpoint import save_checkpoint
 from limoe.cli import main
 from limoe.export import ImageEncoder, TextEncoder
@@ -91,11 +91,15 @@ def test_manifest_describes_the_entry(exported):
                                   "background": [255, 255, 255], "crop": "center"}
     assert m["templates"] == list(DEFAULT_TEMPLATES)
     assert m["onnx"]["opset"] == 18 and {"torch", "onnx", "onnxruntime", "limoe"} <= set(m["libraries"])
-    assert m["evaluation"] == {"top1": 0.5}
+    assert m["evaluation"] == TOY_EVAL
     assert m["moe"] == {"layers": [1, 2], "num_experts": 4, "top_k": 2, "eval_capacity_factor": 0.5,
                         "batch_priority": True}
     assert set(m["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "encoders.torchscript.pt",
-                               "tokenizer.json", "image_encoder.int8.onnx", "text_encoder.int8.onnx"}
+                               "tokenizer.json", "image_encoder.int8.onnx", "text_encoder.int8.onnx", "MODEL_CARD.md"}
+    assert m["stats"]["total_params"] == sum(p.numel() for p in model.parameters())
+    card = (entry / "MODEL_CARD.md").read_text()
+    assert card.startswith("# tiny version 1") and "No training run recorded" in card
+    assert "| toy | 50.0% | 100.0% | 3 | 4 |" in card  # the checkpoint's stored evaluation
     for file, record in m["files"].items():
         assert record["size"] == (entry / file).stat().st_size and len(record["sha256"]) == 64
     assert Tokenizer.load(entry / "tokenizer.json").encode(["cat"]).tolist() == tok.encode(["cat"]).tolist()

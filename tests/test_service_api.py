@@ -263,3 +263,16 @@ def test_request_metrics_use_route_templates(server):
                  "limoe_preprocess_seconds_bucket", "limoe_queue_depth", 'limoe_expert_tokens_total{expert="0",layer="1",modality="image"}',
                  'modality="text"', "limoe_model_info"):
         assert name in text, name
+
+
+def test_warm_up_sizes_grow_linearly():
+    from service.engine import Engine
+    from service.metrics import Metrics
+
+    def sizes(top):
+        return Engine(FakeBackend(), settings(max_batch_size=top), Metrics()).warm_up_sizes()
+
+    assert sizes(3) == [1, 2, 3]
+    assert sizes(32) == list(range(1, 33))
+    assert sizes(100) == list(range(1, 33)) + [64, 100]
+    assert len(sizes(1024)) == 32 + 5 + 0  # 64, 128, 256, 512, 1024

@@ -159,6 +159,11 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     entry = tmp_path / "store" / "t" / "1"
     assert read_manifest(entry).data["evaluation"]["zero_shot"] == results["zero_shot"]
     assert main(["eval", str(entry), "--cache", str(tmp_path / "cache"), "--limit", "50"]) == 0
+    from limoe.model_store import verify
+
+    verify(entry)  # the re-rendered model card's checksum was updated too
+    card = (entry / "MODEL_CARD.md").read_text()
+    assert "| scenes/held-out colour-shape pairs |" in card and "steps of batch 8" in card and "data mix `scenes`" in card
     again = read_manifest(entry).data["evaluation"]["zero_shot"]  # the ONNX export on the same images
     for name, r in results["zero_shot"].items():  # equal up to near-ties flipped by 1e-7 differences
         assert again[name]["top1"] == pytest.approx(r["top1"], abs=0.05)

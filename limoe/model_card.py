@@ -1,0 +1,81 @@
+"""MODEL_CARD.md for a model-store entry, rendered from what the entry knows about itself:
+its config and parameter counts, the training run recorded in the checkpoint, the evaluation
+results and the data sources' licences. Torch-free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _evaluation(ev: dict[str, Any]) -> list[str]:
+    if not ev or not ev.get("zero_shot"):
+        return ["No evaluation recorded (run `limoe eval` on the checkpoint before exporting, or on this entry)."]
+    lines = ["Zero-shot classification (prompt-template ensemble):", ""]
+    lines += _table(["set", "top-1", "top-5", "classes", "images"],
+                    [[n, f"{r['top1']:.1%}", f"{r['top5']:.1%}", str(r["classes"]), str(r["images"])]
+                     for n, r in ev["zero_shot"].items()])
+    if ev.get("retrieval"):
+        lines += ["", "Image-text retrieval (recall):", ""]
+        lines += _table(["set", "image->text @1", "@5", "text->image @1", "@5"],
+                        [[n, f"{r['image_to_text_r@1']:.1%}", f"{r['image_to_text_r@5']:.1%}",
+                          f"{r['text_to_image_r@1']:.1%}", f"{r['text_to_image_r@5']:.1%}"]
+                         for n, r in ev["retrieval"].items()])
+    if ev.get("routing"):
+        lines += ["", "Routing (per MoE layer; entropies in nats, max log E):", ""]
+        lines += _table(["layer", "usage entropy image / text", "dropped image / text", "experts image / text / shared / unused"],
+                        [[str(r["layer"]),
+                          f"{r['usage_entropy'].get('image', 0):.2f} / {r['usage_entropy'].get('text', 0):.2f}",
+                          f"{r['dropped_rate'].get('image', 0):.1%} / {r['dropped_rate'].get('text', 0):.1%}",
+                          " / ".join(str(r["experts"][k]) for k in ("image", "text", "shared", "unused"))]
+                         for r in ev["routing"]["layers"]])
+    return lines
+
+
+def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None = None,
+                      stats: dict[str, Any] | None = None) -> str:
+    """Markdown for the entry described by `manifest` (see model_store/README.md)."""
+    from limoe.data.licenses import attribution_markdown
+
+    cfg, moe = manifest["config"], manifest["moe"]
+    lines = [f"# {manifest['name']} version {manifest['version']}", "",
+             "A LIMoE (Language-Image Mixture of Experts, Mustafa et al. 2022) zero-shot image classifier: one "
+             "transformer shared by image patches and text tokens, with sparse expert layers, trained contrastively.",
+             "", "## Model", ""]
+    lines += [f"- width {cfg['width']}, depth {cfg['depth']}, {cfg['num_heads']} heads, MLP {cfg['mlp_dim']}, "
+              f"embedding {cfg['embed_dim']}",
+              f"- images {cfg['image_size']} px in {cfg['patch_size']} px patches; texts {cfg['context_length']} tokens, "
+              f"vocabulary {cfg['vocab_size']}",
+              f"- MoE in blocks {', '.join(map(str, moe['layers'])) or 'none'}: {moe['num_experts']} experts, top-{moe['top_k']}, "
+              f"inference capacity factor {moe['eval_capacity_factor']}, Batch Priority Routing "
+              f"{'on' if moe['batch_priority'] else 'off'}; auxiliary loss `{cfg['aux_loss']}`"]
+    if stats:
+        lines.append(f"- {stats['total_params'] / 1e6:.2f}M parameters, {stats['active_params'] / 1e6:.2f}M active per "
+                     f"token; {stats['image_flops'] / 1e9:.3f} GFLOPs per image, {stats['text_flops'] / 1e9:.4f} per text")
+    lines += ["", "## Training", ""]
+    if training:
+        t = training.get("train", {})
+        lines.append(f"- {training.get('step', '?')} steps of batch {t.get('batch_size', '?')} "
+                     f"(= {int(training.get('step', 0)) * int(t.get('batch_size', 0)):,} image-text pairs), AdamW "
+                     f"lr {t.get('lr', '?')}, warmup {t.get('warmup_steps', '?')}, cosine decay, seed {t.get('seed', '?')}")
+        if training.get("data"):
+            lines.append(f"- data mix `{training['data']}`" + (
+                f": {', '.join(f'{k} {v:,} items' for k, v in training.get('sources', {}).items())}"
+                if training.get("sources") else ""))
+    else:
+        lines.append("No training run recorded: this entry was exported from an untrained (initialised) checkpoint, "
+                     "and its predictions are meaningless.")
+    lines += ["", "## Evaluation", ""] + _evaluation(manifest.get("evaluation") or {})
+    lines += ["", "## Data sources and licences", "", attribution_markdown(), "",
+              "## Limitations and known biases", "",
+              "- Trained on small, narrow data (emoji, icons, handwritten digits, rendered shapes): it knows nothing "
+              "of photographs, and labels outside these domains get arbitrary scores.",
+              "- Emoji captions come from Unicode/CLDR English names: other languages, and the skin-tone and gender "
+              "variants' names, reflect those naming conventions, not a neutral description.",
+              "- Scores are a softmax over the labels you send: they rank those labels and always sum to 1, even when "
+              "none of them fits.",
+              "- Tokens over an expert's capacity are dropped (residual only); the `dropped` rates above show how much."]
+    return "\n".join(lines) + "\n"
