@@ -133,7 +133,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         plot_expert_usage(results["routing"], plots / "expert_usage.png")
         sample = np.concatenate([s.pixels[:2] for s in sets])[:8]  # a few images of every set
         p = enc.preprocess
-        plot_routing_maps(sample, enc.encode_images(sample)[1], enc.moe_layers, enc.num_experts, p.mean, p.std,
+        _, index, dropped = enc.encode_images(sample)
+        plot_routing_maps(sample, index, dropped, enc.moe_layers, enc.num_experts, p.mean, p.std,
                           plots / "routing_maps.png")
     if not args.no_record:
         record_evaluation(target, results)

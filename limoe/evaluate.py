@@ -243,9 +243,10 @@ def plot_expert_usage(routing: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_routing_maps(pixels: np.ndarray, expert_index: np.ndarray, layers: Sequence[int], num_experts: int,
-                      mean: Sequence[float], std: Sequence[float], path: str | Path) -> Path:
-    """Rows: sample images; columns: the image, then each MoE layer's top-1 expert per patch."""
+def plot_routing_maps(pixels: np.ndarray, expert_index: np.ndarray, dropped: np.ndarray, layers: Sequence[int],
+                      num_experts: int, mean: Sequence[float], std: Sequence[float], path: str | Path) -> Path:
+    """Rows: sample images; columns: the image, then each MoE layer's top-1 expert per patch
+    (white: the patch was dropped at capacity and skipped the expert layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,7 +261,7 @@ def plot_routing_maps(pixels: np.ndarray, expert_index: np.ndarray, layers: Sequ
         axes[i][0].imshow(np.clip(img, 0, 1))
         for j in range(m):
             grid = expert_index[i, j, :, 0].reshape(side, side).astype(float)
-            grid[grid < 0] = np.nan
+            grid[(grid < 0) | dropped[i, j, :, 0].reshape(side, side)] = np.nan
             axes[i][j + 1].imshow(grid, cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5)
             if i == 0:
                 axes[i][j + 1].set_title(f"layer {layers[j]}", fontsize=8)

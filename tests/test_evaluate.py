@@ -68,7 +68,7 @@ def test_plots_are_written(tmp_path):
     txt = np.random.default_rng(1).integers(-1, 3, (2, 2, 8, 1))
     routing = routing_analysis({"image": (img, img < -5), "text": (txt, txt < -5)}, [1, 3], 3)
     a = plot_expert_usage(routing, tmp_path / "usage.png")
-    b = plot_routing_maps(np.zeros((2, 3, 16, 16), np.float32), img, [1, 3], 3, (0.5,) * 3, (0.5,) * 3,
+    b = plot_routing_maps(np.zeros((2, 3, 16, 16), np.float32), img, img == 2, [1, 3], 3, (0.5,) * 3, (0.5,) * 3,
                           tmp_path / "maps.png")
     for path in (a, b):
         with Image.open(path) as im:
