@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from limoe.data.format import TEST_FRACTION, VAL_FRACTION, SourceWriter, is_built, read_meta, split_for
 from limoe.data.licenses import licenses_for
-from limoe.data.npm import fetch_npm, iter_tar, read_tar_member
+from limoe.data.npm import fetch_packages, iter_tar, read_tar_member
 
 NAME = "emoji"
 PACKAGES = {"google": "emoji-datasource-google@16.0.0", "twitter": "emoji-datasource-twitter@16.0.0"}
@@ -163,11 +163,8 @@ def prepare_emoji(cache: str | Path, force: bool = False, holdout_style: str | N
 
     downloads = []
     if tarballs is None:
-        tarballs = {}
-        for key, spec in [*((v, PACKAGES[v]) for v in vendors), ("emojibase", EMOJIBASE)]:
-            rec = fetch_npm(spec, cache / "downloads", log=log)
-            tarballs[key] = rec["file"]
-            downloads.append({k: v for k, v in rec.items() if k != "file"} | {"file": Path(rec["file"]).name})
+        tarballs, downloads = fetch_packages({**{v: PACKAGES[v] for v in vendors}, "emojibase": EMOJIBASE},
+                                             cache / "downloads", log)
     cldr_index = emojibase_index(json.loads(read_tar_member(tarballs["emojibase"], "package/en/data.json")))
 
     with SourceWriter(cache, NAME, params) as writer:

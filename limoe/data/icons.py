@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from limoe.data.format import TEST_FRACTION, VAL_FRACTION, SourceWriter, is_built, read_meta, split_for
 from limoe.data.licenses import licenses_for
-from limoe.data.npm import fetch_npm, iter_tar, read_tar_member
+from limoe.data.npm import fetch_packages, iter_tar, read_tar_member
 
 NAME = "icons"
 PNG_PACKAGE = "@tabler/icons-png@3.48.0"
@@ -61,11 +61,7 @@ def prepare_icons(cache: str | Path, force: bool = False, val: float = VAL_FRACT
         return read_meta(cache / NAME)
     downloads = []
     if tarballs is None:
-        tarballs = {}
-        for key, spec in (("png", PNG_PACKAGE), ("meta", META_PACKAGE)):
-            rec = fetch_npm(spec, cache / "downloads", log=log)
-            tarballs[key] = rec["file"]
-            downloads.append({k: v for k, v in rec.items() if k != "file"} | {"file": Path(rec["file"]).name})
+        tarballs, downloads = fetch_packages({"png": PNG_PACKAGE, "meta": META_PACKAGE}, cache / "downloads", log)
     meta = json.loads(read_tar_member(tarballs["meta"], "package/icons.json"))
     prefix = f"package/icons/{STYLE}/"
     images: dict[str, bytes] = {}

@@ -138,6 +138,17 @@ def fetch_npm(spec: str, downloads: str | Path, force: bool = False, log: Callab
     return {**record, "file": str(target), "cached": False}
 
 
+def fetch_packages(specs: dict[str, str], downloads: str | Path, log: Callable[[str], None] = print
+                   ) -> tuple[dict[str, str], list[dict]]:
+    """fetch_npm for each {key: spec}: the tarball paths by key, and what was fetched (for SOURCE.json)."""
+    tarballs, records = {}, []
+    for key, spec in specs.items():
+        rec = fetch_npm(spec, downloads, log=log)
+        tarballs[key] = rec["file"]
+        records.append({k: v for k, v in rec.items() if k != "file"} | {"file": Path(rec["file"]).name})
+    return tarballs, records
+
+
 def iter_tar(path: str | Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
     """(member name, bytes) of the regular files of a (gzipped) tarball for which wanted(name),
     in archive order, streaming (one pass)."""
