@@ -195,7 +195,9 @@ def test_disconnected_clients_are_dropped_from_the_queue():
         fake.calls.clear()
         blocker = threading.Thread(target=classify, args=(base, [png((0, 9, 9))]))
         blocker.start()
-        time.sleep(0.2)  # the blocker is inside its forward pass
+        deadline = time.monotonic() + 10
+        while not any(m == "image" for m, _ in fake.calls) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the blocker is inside its forward pass
         with pytest.raises(httpx.TimeoutException):  # this client gives up while queued
             httpx.post(f"{base}/v1/classify", json={"images": [b64(png((9, 9, 0)))], "labels": LABELS}, timeout=0.2)
         blocker.join()
