@@ -28,7 +28,7 @@ class EncoderOutput:
 
 class OnnxEncoders:
     def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None,
-                 threads: int | None = None, quantized: bool = False):
+                 threads: int | None = None, quantized: bool = False, spinning: bool = True):
         import onnxruntime as ort
 
         self.manifest = manifest
@@ -37,6 +37,8 @@ class OnnxEncoders:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:  # idle intra-op threads sleep instead of busy-waiting for the next op
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = list(providers or ["CPUExecutionProvider"])
         self.sessions = {}
         for modality in ("image", "text"):

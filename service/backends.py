@@ -52,7 +52,8 @@ def _preprocess_config(manifest: Manifest) -> PreprocessConfig:
 
 
 class OnnxBackend:
-    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, quantized: bool = False):
+    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, quantized: bool = False,
+                 spinning: bool = True):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -61,7 +62,8 @@ class OnnxBackend:
         if want_cuda:
             device_id = int(device.split(":")[1]) if ":" in device else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        self._enc = OnnxEncoders(manifest, providers=providers, threads=threads or None, quantized=quantized)
+        self._enc = OnnxEncoders(manifest, providers=providers, threads=threads or None, quantized=quantized,
+                                 spinning=spinning)
         active = self._enc.providers
         # ONNX Runtime falls back to CPU silently; say so, and refuse when CUDA was demanded.
         if want_cuda and "CUDAExecutionProvider" not in active:
@@ -124,7 +126,7 @@ class TorchScriptBackend:
 def load_backend(settings: Settings) -> Backend:
     manifest = load_manifest(settings)
     if settings.backend == "onnx":
-        return OnnxBackend(manifest, settings.device, settings.threads, settings.quantized)
+        return OnnxBackend(manifest, settings.device, settings.threads, settings.quantized, settings.spinning)
     return TorchScriptBackend(manifest, settings.device, settings.threads)
 
 

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     quantized: bool = Field(False, description="use the entry's int8 ONNX graphs (CPU)")
     threads: int = Field(0, ge=0, description="intra-op threads per encoder; 0 = library default")
+    spinning: bool = Field(True, description="ONNX Runtime threads busy-wait between ops (faster alone, "
+                                               "but they steal CPU from decoding and HTTP on small machines)")
 
     # --- batching -------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024)

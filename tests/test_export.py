@@ -156,3 +156,11 @@ def test_export_refuses_to_overwrite_and_needs_a_tokenizer(exported, tmp_path, c
     assert main(["export", str(ckpt), "--name", "../evil", "--store", str(store)]) == 1
     assert "invalid model name" in capsys.readouterr().err
     assert not (store / "other").exists() or not any((store / "other").iterdir())
+
+
+def test_onnx_session_options_do_not_change_results(exported):
+    model, _, entry, _ = exported
+    images, _ = random_batch(model.cfg, 3)
+    default = OnnxEncoders.from_entry(entry).encode_images(images.numpy()).embeddings
+    tuned = OnnxEncoders.from_entry(entry, threads=1, spinning=False).encode_images(images.numpy()).embeddings
+    np.testing.assert_allclose(tuned, default, atol=1e-6, rtol=0)
