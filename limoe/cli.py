@@ -109,6 +109,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
     meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
     train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun: every rank leaves together
+        dist.barrier()
+        dist.destroy_process_group()
     print(f"checkpoint: {out / 'model.safetensors'}; log: {out / 'log.jsonl'}")
     return 0
 
