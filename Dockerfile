@@ -9,9 +9,11 @@
 #   docker run --rm -p 8000:8000 --gpus all limoe-serve:gpu   # needs the NVIDIA Container Toolkit
 #
 # Neither image contains torch: the service installs with the `serve` extra only and runs the
-# ONNX backend. The default model (model_store/limoe-tiny) is baked in at /app/model_store; mount
+# ONNX backend. The default model (model_store/limoe-small) is baked in at /app/model_store; mount
 # another store over it, or point LIMOE_MODEL_STORE elsewhere, to serve other models. Every
-# setting is a LIMOE_* environment variable (see service/settings.py).
+# setting is a LIMOE_* environment variable (see service/settings.py). The default ships int8
+# graphs only (dynamic quantisation, a CPU technique): on the GPU image, serve an entry exported
+# with fp32 graphs (`limoe export CKPT --name NAME --formats onnx`) for GPU speed.
 #
 # Both images run as the unprivileged user `limoe`, set numerically (USER 10001:10001) so that
 # runtimes checking runAsNonRoot can verify it; the model store stays owned by root, so the

@@ -1,5 +1,6 @@
 """Helpers shared by the serving benchmarks (bench/serve_batching.py, bench/http_overhead.py,
-bench/serve_latency.py): the `small` model exported once into a cache, `limoe serve` processes
+bench/serve_latency.py): the shipped default model (or, with --fresh, an untrained fp32 `small`
+exported once into a cache), `limoe serve` processes
 on 127.0.0.1, pre-encoded request bodies, closed-loop load with httpx, and what the server spent.
 
 Not a benchmark itself; the scripts import it from their own directory.
@@ -38,11 +39,14 @@ def log(msg: str) -> None:
 
 # -- the model ----------------------------------------------------------------------------------------
 def add_model_args(p) -> None:
-    p.add_argument("--store", help="model store root holding --model (default: export `small` into --cache)")
-    p.add_argument("--model", default=MODEL, help=f"model name in the store (default {MODEL})")
+    p.add_argument("--store", default=str(ROOT / "model_store"),
+                   help="model store root holding --model (default: the repository's, with the shipped default)")
+    p.add_argument("--model", default=MODEL, help=f"model name in the store (default {MODEL}, the shipped default)")
+    p.add_argument("--fresh", action="store_true",
+                   help="instead, serve a freshly initialised fp32 `small` (ONNX + TorchScript, same compute as a "
+                        "trained one), exported once into --cache")
     p.add_argument("--cache", default=str(DEFAULT_CACHE),
-                   help="where the freshly initialised `small` model is exported once and reused "
-                        "(default: %(default)s)")
+                   help="where --fresh exports its model once and reuses it (default: %(default)s)")
 
 
 def add_server_args(p, max_requests: int = 5000) -> None:
@@ -57,12 +61,12 @@ def add_server_args(p, max_requests: int = 5000) -> None:
     p.add_argument("--format", choices=["json", "multipart"], default="json", help="request encoding")
 
 
-def ensure_store(store: str | None, model: str, cache: str | Path) -> Path:
-    """The store root to serve `model` from. Without --store, a `small` model initialised with a
+def ensure_store(store: str | None, model: str, cache: str | Path, fresh: bool = False) -> Path:
+    """The store root to serve `model` from. With `fresh`, a `small` model initialised with a
     fixed seed is exported once (about 25 s) into `cache` and reused by later runs."""
     from limoe.model_store import ModelStore, ModelStoreError
 
-    if store:
+    if store and not fresh:
         ModelStore(store).load(model)  # fail early, naming the problem
         return Path(store)
     cache = Path(cache)

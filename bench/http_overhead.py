@@ -13,7 +13,8 @@ OnnxEncoders built like the service's (CPU, same LIMOE_THREADS). The two paths a
 raw, raw, server, ...) while the server idles between its rounds; each figure is the median
 over rounds. Server and client CPU time per image are printed to show where the gap goes.
 
-Without --store, a freshly initialised `small` model is exported once into --cache. Every
+It serves the shipped default model (`--store`/`--model` for another; `--fresh` for an
+untrained fp32 `small` exported once into --cache). Every
 round stops after --duration seconds (or --max-requests requests); the server is always
 terminated. The last line is the ratio server/raw images/s (target >= 0.7).
 """
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=4.0, help="seconds per round")
     args = p.parse_args(argv)
 
-    store = ensure_store(args.store, args.model, args.cache)
+    store = ensure_store(args.store, args.model, args.cache, args.fresh)
     before = machine_load()
     images = png_images(max(64, 2 * args.batch))
     requests = [[images[(i * args.batch + j) % len(images)] for j in range(args.batch)] for i in range(8)]

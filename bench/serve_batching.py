@@ -14,8 +14,8 @@ time per image is printed next to the server's (event-loop thread vs all other t
 so is the model's own ceiling: the image encoder alone, in this process, at batch 1 and 32
 with the same threads (measured while both servers idle, once per round).
 
-Without --store, a freshly initialised `small` model (same compute as a trained one) is
-exported once into --cache. Every round stops after --duration seconds or --max-requests
+It serves the shipped default model (`--store`/`--model` for another; `--fresh` for an
+untrained fp32 `small` exported once into --cache). Every round stops after --duration seconds or --max-requests
 requests; the servers are always terminated. The last line is the ratio batch32/batch1
 images/s (target >= 3 on CPU).
 """
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(the model's own batching ceiling; 0 to skip)")
     args = p.parse_args(argv)
 
-    store = ensure_store(args.store, args.model, args.cache)
+    store = ensure_store(args.store, args.model, args.cache, args.fresh)
     before = machine_load()
     images = png_images(64)
     bodies = [encode_body([im], LABELS, args.format) for im in images]

@@ -14,7 +14,8 @@ send counts against the server and the client alike (no coordinated omission). O
 requests are capped (--max-outstanding; the excess counts as dropped) and given --drain seconds
 to finish, so the run always ends. The server is always terminated.
 
-Without --store, a freshly initialised `small` model is exported once into --cache. The last
+It serves the shipped default model (`--store`/`--model` for another; `--fresh` for an
+untrained fp32 `small` exported once into --cache). The last
 line: `p50 X ms, p99 Y ms at Z req/s (half of saturation W req/s)`, Z the achieved rate.
 """
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     args = p.parse_args(argv)
 
-    store = ensure_store(args.store, args.model, args.cache)
+    store = ensure_store(args.store, args.model, args.cache, args.fresh)
     before = machine_load()
     bodies = [encode_body([im], LABELS, args.format) for im in png_images(64)]
     with Server("server", max_batch_size=args.batch, max_batch_wait_ms=args.wait_ms, threads=args.threads,

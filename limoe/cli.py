@@ -58,6 +58,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         manifest = export_entry(args.checkpoint, args.store, args.name, args.version, args.quantize,
                                 tokenizer=tokenizer, force=args.force,
+                                formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                                 **({"opset": args.opset} if args.opset else {}))
     except (ModelStoreError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -121,8 +122,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from limoe.evaluate import (Encoders, evaluate, format_results, plot_expert_usage, plot_routing_maps,
-                                record_evaluation, write_results)
+    from limoe.evaluate import (PLOT_FILES, Encoders, evaluate, format_results, plot_expert_usage,
+                                plot_routing_maps, record_evaluation, write_results)
     from limoe.evaluate_sets import default_eval_sets
 
     target = Path(args.target)
@@ -132,15 +133,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_results(results))
     out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval.json"
     write_results(results, out)
-    if "routing" in results and args.plots:
-        plots = Path(args.plots)
+    # A store entry keeps its plots (and its card shows them) unless told otherwise.
+    plots = Path(args.plots) if args.plots else target if target.is_dir() and not args.no_record else None
+    if "routing" in results and plots:
         plots.mkdir(parents=True, exist_ok=True)
-        plot_expert_usage(results["routing"], plots / "expert_usage.png")
+        plot_expert_usage(results["routing"], plots / PLOT_FILES["plot_expert_usage"])
         sample = np.concatenate([s.pixels[:2] for s in sets])[:8]  # a few images of every set
         p = enc.preprocess
         _, index, dropped = enc.encode_images(sample)
         plot_routing_maps(sample, index, dropped, enc.moe_layers, enc.num_experts, p.mean, p.std,
-                          plots / "routing_maps.png")
+                          plots / PLOT_FILES["plot_routing_maps"])
+        print(f"wrote routing plots to {plots}")
     if not args.no_record:
         record_evaluation(target, results)
         print(f"recorded the results in {target / 'manifest.json' if target.is_dir() else target}")
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--version", help="version (default: one more than the highest numeric version)")
     export.add_argument("--store", default="model_store", help="model store root (default: model_store)")
     export.add_argument("--quantize", choices=["int8"], help="also write int8 dynamically quantised ONNX graphs")
+    export.add_argument("--formats", default="onnx,torchscript",
+                        help="comma-separated subset of onnx, torchscript, int8 (default onnx,torchscript); "
+                             "'int8' alone makes the smallest entry")
     export.add_argument("--tokenizer", help="tokenizer.json, when the checkpoint holds none")
     export.add_argument("--opset", type=int, help="ONNX opset (default: limoe.export.DEFAULT_OPSET)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
@@ -204,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", help="data cache with the prepared sources")
     ev.add_argument("--limit", type=int, default=2000, help="images per evaluation set at most")
     ev.add_argument("--out", help="results JSON (default: eval.json next to the target)")
-    ev.add_argument("--plots", help="directory for routing plots (expert usage, per-patch routing maps)")
+    ev.add_argument("--plots", help="directory for routing plots (expert usage, per-patch routing maps); "
+                                    "default for a store entry: the entry, listed in its manifest and card")
     ev.add_argument("--no-record", action="store_true",
                     help="do not store the results in the checkpoint / the entry's manifest")
     ev.set_defaults(func=_cmd_eval)

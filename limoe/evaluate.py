@@ -88,6 +88,21 @@ def topk_accuracy(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int] = (
     return {f"top{k}": float((order[:, :min(k, scores.shape[1])] == targets[:, None]).any(1).mean()) for k in ks}
 
 
+def n_way_accuracy(scores: np.ndarray, targets: np.ndarray, n: int = 10, seed: int = 0) -> float:
+    """Top-1 among the true class and n-1 other classes drawn at random per image (seeded): what a
+    user sees who sends a short list of candidate labels. Ties count as wrong. With C <= n
+    classes it is plain top-1 over all of them."""
+    N, C = scores.shape
+    if C <= n:
+        return topk_accuracy(scores, targets, ks=(1,))["top1"]
+    rng = np.random.default_rng(seed)
+    # n-1 distinct distractors per row: a random permutation of the other C-1 classes, cut.
+    others = np.argsort(rng.random((N, C - 1)), axis=1)[:, :n - 1]  # (N, n-1) in [0, C-1)
+    others += others >= targets[:, None]  # skip the true class
+    true = scores[np.arange(N), targets]  # (N,)
+    return float((true[:, None] > np.take_along_axis(scores, others, axis=1)).all(1).mean())
+
+
 def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Pair i is (image i, text i). Recall@k both ways."""
     sim = image_emb @ text_emb.T  # (N, N)
@@ -152,8 +167,9 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
         routing_images.append((img_idx, img_drop))
         w = build_zero_shot_classifier(lambda ids: _batched(enc.encode_tokens, ids)[0], enc.tokenizer, classes,
                                        templates)
-        results["zero_shot"][s.name] = {**topk_accuracy(img_emb @ w, targets), "classes": len(classes),
-                                        "images": len(s.labels)}
+        scores = img_emb @ w  # (N, C)
+        results["zero_shot"][s.name] = {**topk_accuracy(scores, targets), "top1_of_10": n_way_accuracy(scores, targets),
+                                        "classes": len(classes), "images": len(s.labels)}
         if s.captions:
             n = min(max_retrieval, len(s.captions))
             txt_emb, txt_idx, txt_drop = _batched(enc.encode_tokens, enc.tokenizer.encode(s.captions[:n]))
@@ -168,9 +184,10 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
 
 
 def format_results(results: dict) -> str:
-    lines = [f"{'zero-shot':50s} {'top-1':>7s} {'top-5':>7s} {'classes':>8s} {'images':>7s}"]
+    lines = [f"{'zero-shot':50s} {'top-1':>7s} {'top-5':>7s} {'10-way':>7s} {'classes':>8s} {'images':>7s}"]
     for name, r in results["zero_shot"].items():
-        lines.append(f"{name:50s} {r['top1']:7.2%} {r['top5']:7.2%} {r['classes']:8d} {r['images']:7d}")
+        ten = f"{r['top1_of_10']:7.2%}" if "top1_of_10" in r else f"{'-':>7s}"
+        lines.append(f"{name:50s} {r['top1']:7.2%} {r['top5']:7.2%} {ten} {r['classes']:8d} {r['images']:7d}")
     if results["retrieval"]:
         lines.append(f"\n{'retrieval':50s} {'i->t@1':>7s} {'i->t@5':>7s} {'t->i@1':>7s} {'t->i@5':>7s}")
         for name, r in results["retrieval"].items():
@@ -191,9 +208,13 @@ def write_results(results: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
+PLOT_FILES = {"plot_expert_usage": "expert_usage.png", "plot_routing_maps": "routing_maps.png"}
+
+
 def record_evaluation(target: str | Path, results: dict) -> None:
     """Keep the results with the model: in a store entry's manifest ("evaluation"), or in a
-    checkpoint's metadata (extra["eval"]), from where `limoe export` copies them."""
+    checkpoint's metadata (extra["eval"]), from where `limoe export` copies them. An entry's
+    routing plots (PLOT_FILES, written next to the manifest) join its checked files and its card."""
     target = Path(target)
     if target.is_dir():
         from limoe.model_card import render_model_card
@@ -201,6 +222,10 @@ def record_evaluation(target: str | Path, results: dict) -> None:
 
         manifest = read_manifest(target).data
         manifest["evaluation"] = results
+        for role, file in PLOT_FILES.items():
+            if (target / file).is_file():
+                manifest["roles"][role] = file
+                manifest["files"][file] = file_record(target / file)
         card = manifest["roles"].get("model_card")
         if card:  # the card shows the evaluation: re-render it and its checksum
             (target / card).write_text(render_model_card(manifest, manifest.get("training"), manifest.get("stats")),

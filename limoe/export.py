@@ -43,6 +43,8 @@ from limoe.tokenizer import Tokenizer
 
 OUTPUTS = ("embeddings", "expert_index", "dropped")
 DEFAULT_OPSET = 18
+FORMATS = ("onnx", "torchscript", "int8")  # fp32 ONNX graphs, the TorchScript file, int8 ONNX graphs
+DEFAULT_FORMATS = ("onnx", "torchscript")
 
 
 def _routing_outputs(routing: list[RoutingInfo], batch: int, tokens: int, top_k: int) -> tuple[Tensor, Tensor]:
@@ -145,6 +147,43 @@ def quantize_int8(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+def share_weights(graphs: Sequence[Path], data_file: Path, min_bytes: int = 1024, align: int = 4096) -> dict[str, int]:
+    """Move the graphs' initializers into one external-data file, each distinct tensor once.
+
+    The image and text encoders are one transformer: exported apart, both graphs carry the same
+    tower weights. Here every initializer of at least `min_bytes` is keyed by its dtype, shape
+    and bytes; the first copy goes into `data_file` (offsets aligned to `align` bytes, so ONNX
+    Runtime can map them) and every graph points at it. The graphs stay valid ONNX; ONNX
+    Runtime finds `data_file` next to them. Returns bytes before and after."""
+    import hashlib
+
+    import onnx
+
+    models = [onnx.load(str(g)) for g in graphs]
+    offsets: dict[bytes, tuple[int, int]] = {}
+    before = sum(g.stat().st_size for g in graphs)
+    with open(data_file, "wb") as out:
+        for model in models:
+            for t in model.graph.initializer:
+                if len(t.raw_data) < min_bytes:
+                    continue
+                key = hashlib.sha256(f"{t.data_type}:{list(t.dims)}:".encode() + t.raw_data).digest()
+                if key not in offsets:
+                    out.write(b"\0" * (-out.tell() % align))
+                    offsets[key] = (out.tell(), len(t.raw_data))
+                    out.write(t.raw_data)
+                offset, length = offsets[key]
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", data_file.name), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+    for model, g in zip(models, graphs):
+        onnx.save_model(model, str(g))  # the tensors already point at data_file: nothing else is written
+    return {"before": before, "after": sum(g.stat().st_size for g in graphs) + data_file.stat().st_size}
+
+
 def onnx_agreement(fp32: Path, int8: Path, feed: dict[str, np.ndarray]) -> dict[str, float]:
     """How close the int8 graph stays to fp32 on `feed`: embedding cosine and expert choices."""
     import onnxruntime as ort
@@ -176,11 +215,16 @@ def export_entry(
     version: str | None = None,
     quantize: str | None = None,
     tokenizer: Tokenizer | None = None,
+    formats: Sequence[str] = DEFAULT_FORMATS,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
 ) -> Manifest:
     """Write `<store>/<name>/<version>/` from a checkpoint and return its verified manifest.
+
+    `formats` picks what the entry holds (see FORMATS); `quantize="int8"` adds "int8". An entry
+    of int8 graphs alone is about a quarter of the fp32 one (the shipped default is one): the
+    fp32 graphs are still exported, to quantise from and to check against, then left out.
 
     The entry is built in a hidden temporary directory and renamed into place, so a failed or
     interrupted export never leaves a half-written version behind."""
@@ -189,6 +233,9 @@ def export_entry(
     version = check_identifier(version or store_.next_version(name), "version")
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize supports only 'int8', not {quantize!r}")
+    formats = set(formats) | ({"int8"} if quantize else set())
+    if not formats or formats - set(FORMATS):
+        raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}, not {sorted(formats)}")
     final = Path(store) / name / version
     if final.exists() and not force:
         raise FileExistsError(f"{final} already exists (pass force=True / --force to replace it)")
@@ -208,14 +255,16 @@ def export_entry(
     try:
         images, tokens = example_inputs(model)
         roles = {"image_onnx": "image_encoder.onnx", "text_onnx": "text_encoder.onnx",
-                 "torchscript": "encoders.torchscript.pt", "tokenizer": "tokenizer.json"}
+                 "tokenizer": "tokenizer.json"}
         export_onnx(ImageEncoder(model), images, "images", tmp / roles["image_onnx"], opset)
         export_onnx(TextEncoder(model), tokens, "tokens", tmp / roles["text_onnx"], opset)
-        export_torchscript(model, images, tokens, tmp / roles["torchscript"])
+        if "torchscript" in formats:
+            roles["torchscript"] = "encoders.torchscript.pt"
+            export_torchscript(model, images, tokens, tmp / roles["torchscript"])
         tokenizer.save(tmp / roles["tokenizer"])
 
         quantization = {}
-        if quantize == "int8":
+        if "int8" in formats:
             check_images, check_tokens = example_inputs(model, batch=32, seed=1)
             for modality, feed in (("image", {"images": check_images.numpy()}),
                                    ("text", {"tokens": check_tokens.numpy()})):
@@ -223,6 +272,14 @@ def export_entry(
                 quantize_int8(src, dst)
                 roles[f"{modality}_onnx_int8"] = dst.name
                 quantization[modality] = onnx_agreement(src, dst, feed)
+        if "onnx" not in formats:  # the fp32 graphs were only the source of the int8 ones
+            for modality in ("image", "text"):
+                (tmp / roles.pop(f"{modality}_onnx")).unlink()
+        # One copy of the shared tower per precision (see share_weights).
+        for suffix, data in (("", "encoders.weights"), ("_int8", "encoders.int8.weights")):
+            if f"image_onnx{suffix}" in roles:
+                share_weights([tmp / roles[f"{m}_onnx{suffix}"] for m in ("image", "text")], tmp / data)
+                roles[f"onnx_weights{suffix}"] = data
 
         with torch.no_grad():
             logit_scale = float(model.logit_scale.clamp(max=cfg.logit_scale_max).exp())

@@ -14,9 +14,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _evaluation(ev: dict[str, Any]) -> list[str]:
     if not ev or not ev.get("zero_shot"):
         return ["No evaluation recorded (run `limoe eval` on the checkpoint before exporting, or on this entry)."]
-    lines = ["Zero-shot classification (prompt-template ensemble):", ""]
-    lines += _table(["set", "top-1", "top-5", "classes", "images"],
-                    [[n, f"{r['top1']:.1%}", f"{r['top5']:.1%}", str(r["classes"]), str(r["images"])]
+    lines = ["Zero-shot classification (prompt-template ensemble over all the set's classes; 10-way: the true "
+             "class against 9 random others, like a user sending a short label list):", ""]
+    lines += _table(["set", "top-1", "top-5", "10-way top-1", "classes", "images"],
+                    [[n, f"{r['top1']:.1%}", f"{r['top5']:.1%}",
+                      f"{r['top1_of_10']:.1%}" if "top1_of_10" in r else "-", str(r["classes"]), str(r["images"])]
                      for n, r in ev["zero_shot"].items()])
     if ev.get("retrieval"):
         lines += ["", "Image-text retrieval (recall):", ""]
@@ -33,6 +35,48 @@ def _evaluation(ev: dict[str, Any]) -> list[str]:
                           " / ".join(str(r["experts"][k]) for k in ("image", "text", "shared", "unused"))]
                          for r in ev["routing"]["layers"]])
     return lines
+
+
+def _plots(roles: dict[str, str]) -> list[str]:
+    captions = {"plot_expert_usage": "Expert usage by modality, per MoE layer",
+                "plot_routing_maps": "Each patch's expert per MoE layer for sample images (white: dropped)"}
+    return [line for role, caption in captions.items() if role in roles
+            for line in ("", f"{caption}:", "", f"![{caption}]({roles[role]})")]
+
+
+def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> list[str]:
+    """The commands that rebuild this entry from its recorded training run."""
+    from limoe.config import PRESETS
+
+    if not training or "train" not in training:
+        return []
+    t = training["train"]
+    preset = next((n for n, c in PRESETS.items() if c.to_dict() == manifest["config"]), None)
+    roles = manifest.get("roles", {})
+    formats = [f for f, role in (("onnx", "image_onnx"), ("torchscript", "torchscript"), ("int8", "image_onnx_int8"))
+               if role in roles]
+    train = (f"limoe train --preset {preset or 'PRESET'} --data {training.get('data', 'MIX')} --out run "
+             f"--steps {t.get('steps')} --batch-size {t.get('batch_size')} --lr {t.get('lr')} "
+             f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}")
+    lines = ["", "Reproduce (same data, seed and batches; floating-point results vary slightly across machines):", "",
+             "```bash", "limoe data prepare", train,
+             f"limoe export run/model.safetensors --name {manifest['name']} --formats {','.join(formats)}",
+             f"limoe eval model_store/{manifest['name']}/{manifest['version']}", "```"]
+    if preset is None:
+        lines.insert(1, "The config is no preset: pass the fields that differ (see `config` in the manifest) "
+                        "with `--set FIELD=VALUE`.")
+    return lines
+
+
+def _weak_spots(ev: dict[str, Any]) -> list[str]:
+    """Evaluation sets where top-1 is under twice chance: say so plainly."""
+    out = []
+    for name, r in (ev.get("zero_shot") or {}).items():
+        chance = 1 / max(1, r["classes"])
+        if r["top1"] < 2 * chance and r["classes"] <= 20:
+            out.append(f"- **{name}: at chance** ({r['top1']:.1%} top-1 with {r['classes']} classes, chance "
+                       f"{chance:.1%}): the model has not learned to tell these classes apart.")
+    return out
 
 
 def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None = None,
@@ -68,9 +112,12 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
     else:
         lines.append("No training run recorded: this entry was exported from an untrained (initialised) checkpoint, "
                      "and its predictions are meaningless.")
+    lines += _reproduce(manifest, training)
     lines += ["", "## Evaluation", ""] + _evaluation(manifest.get("evaluation") or {})
-    lines += ["", "## Data sources and licences", "", attribution_markdown(), "",
-              "## Limitations and known biases", "",
+    lines += _plots(manifest.get("roles", {}))
+    lines += ["", attribution_markdown().strip(), "", "## Limitations and known biases", ""]
+    lines += _weak_spots(manifest.get("evaluation") or {})
+    lines += [
               "- Trained on small, narrow data (emoji, icons, handwritten digits, rendered shapes): it knows nothing "
               "of photographs, and labels outside these domains get arbitrary scores.",
               "- Emoji captions come from Unicode/CLDR English names: other languages, and the skin-tone and gender "

@@ -104,8 +104,8 @@ def _check_graph(path: Path) -> None:
     import onnx  # lazily: only verification needs it
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
+        onnx.load(str(path), load_external_data=False)  # parses
+        onnx.checker.check_model(str(path))  # by path: external weights resolve next to the graph
     except Exception as e:  # onnx raises DecodeError, ValidationError, ...: all mean "unreadable"
         raise ModelStoreError(f"{path}: unreadable ONNX graph ({type(e).__name__}: {str(e)[:200]})") from None
 

@@ -1,6 +1,6 @@
 """Run a verified model-store entry with ONNX Runtime. Torch-free (numpy, onnxruntime).
 
-    enc = OnnxEncoders.from_store("model_store", "limoe-tiny")
+    enc = OnnxEncoders.from_store("model_store", "limoe-small")
     out = enc.encode_images(pixels)            # pixels (B, 3, R, R) float32, preprocessed
     out = enc.encode_texts(["a red circle"])   # tokenised with the entry's tokenizer
     out.embeddings, out.expert_index, out.dropped
@@ -28,11 +28,20 @@ class EncoderOutput:
 
 class OnnxEncoders:
     def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None,
-                 threads: int | None = None, quantized: bool = False, spinning: bool = True):
+                 threads: int | None = None, quantized: bool | None = None, spinning: bool = True):
+        """quantized: True runs the int8 graphs, False the fp32 ones, None (auto) the fp32 ones
+        when the entry has them, else the int8 ones."""
         import onnxruntime as ort
 
         self.manifest = manifest
+        if quantized is None:
+            quantized = not manifest.has("image_onnx")
         suffix = "_int8" if quantized else ""
+        if not manifest.has(f"image_onnx{suffix}"):
+            have = "int8 graphs only" if manifest.has("image_onnx_int8") else "no int8 graphs"
+            raise ModelStoreError(f"{manifest.path}: this entry has {have}; "
+                                  f"{'drop' if quantized else 'set'} the int8 choice (LIMOE_QUANTIZED)")
+        self.quantized = quantized
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

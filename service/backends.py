@@ -52,7 +52,7 @@ def _preprocess_config(manifest: Manifest) -> PreprocessConfig:
 
 
 class OnnxBackend:
-    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, quantized: bool = False,
+    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, quantized: bool | None = None,
                  spinning: bool = True):
         import onnxruntime as ort
 
@@ -71,7 +71,7 @@ class OnnxBackend:
                 raise ModelStoreError(f"device {device!r} requested but ONNX Runtime runs on {active} "
                                       "(install onnxruntime-gpu with matching CUDA/cuDNN libraries)")
             log.warning("CUDA provider not active; running on %s", active)
-        self.device = active[0] + (" (int8)" if quantized else "")
+        self.device = active[0] + (" (int8)" if self._enc.quantized else "")
         self.manifest = manifest.data
         self.name, self.version = manifest.name, manifest.version
         self.tokenizer, self.preprocess = self._enc.tokenizer, self._enc.preprocess

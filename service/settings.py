@@ -25,12 +25,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIMOE_", extra="ignore", frozen=True)
 
     # --- the model ------------------------------------------------------------------------------
-    model: str = Field("limoe-tiny", description="model name in the store, or a path to an entry directory")
+    model: str = Field("limoe-small", description="model name in the store, or a path to an entry directory")
     model_version: str = Field("latest", description="store version, or 'latest'")
     model_store: Path = Field(default_factory=default_store, description="model store root")
     backend: Literal["onnx", "torchscript"] = "onnx"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    quantized: bool = Field(False, description="use the entry's int8 ONNX graphs (CPU)")
+    quantized: bool | None = Field(None, description="true: the entry's int8 ONNX graphs (CPU), false: its fp32 "
+                                                      "ones; unset: fp32 when the entry has them, else int8")
     threads: int = Field(0, ge=0, description="intra-op threads per encoder; 0 = library default")
     spinning: bool = Field(True, description="ONNX Runtime threads busy-wait between ops (faster alone, "
                                                "but they steal CPU from decoding and HTTP on small machines)")

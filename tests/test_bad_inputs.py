@@ -33,6 +33,7 @@ from servers import serve_process
 
 MODEL = "limoe-tiny"
 LIMITS = {
+    "model": MODEL,
     "max_body_bytes": 200_000,
     "max_image_bytes": 100_000,
     "max_image_pixels": 1_000_000,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from limoe.evaluate import (EvalSet, Encoders, evaluate, format_results, retrieval_recall, routing_analysis,
-                            topk_accuracy)
+from limoe.evaluate import (EvalSet, Encoders, evaluate, format_results, n_way_accuracy, retrieval_recall,
+                            routing_analysis, topk_accuracy)
 
 
 def test_topk_accuracy_by_hand():
@@ -14,6 +14,24 @@ def test_topk_accuracy_by_hand():
     assert topk_accuracy(scores, np.array([1, 2, 0]), ks=(1, 2)) == {"top1": pytest.approx(1 / 3),
                                                                       "top2": pytest.approx(1 / 3)}
     assert topk_accuracy(scores, np.array([1, 0, 2]), ks=(1, 5))["top5"] == 1.0  # k capped at C
+
+
+def test_n_way_accuracy_by_hand():
+    # 12 classes. Row 0: its class (0) beats every other -> right whatever the 9 distractors.
+    # Row 1: its class (5) is beaten by class 11 only -> right iff 11 is not drawn among the
+    # 9 of the 11 others, so wrong in 9/11 of draws. Row 2: its class (3) is lowest -> always wrong.
+    scores = np.zeros((3, 12))
+    scores[0, 0] = 1.0
+    scores[1, 5], scores[1, 11] = 1.0, 2.0
+    scores[2] = np.arange(12)
+    scores[2, 3] = -1.0
+    targets = np.array([0, 5, 3])
+    assert n_way_accuracy(scores[[0, 2]], targets[[0, 2]]) == 0.5
+    many = np.repeat(scores[1:2], 2000, 0)
+    assert n_way_accuracy(many, np.full(2000, 5)) == pytest.approx(2 / 11, abs=0.03)  # 11 drawn in 9/11
+    assert n_way_accuracy(scores, targets, n=12) == topk_accuracy(scores, targets, ks=(1,))["top1"]  # all classes
+    ties = np.ones((4, 20))  # a tie is not a win
+    assert n_way_accuracy(ties, np.arange(4)) == 0.0
 
 
 def test_retrieval_recall_by_hand():

@@ -14,6 +14,7 @@ from conftest import TOY_EVAL, random_batch
 from limoe.checkpoint import save_checkpoint
 from limoe.cli import main
 from limoe.export import ImageEncoder, TextEncoder
+from limoe.model_store import ModelStoreError
 from limoe.onnx_encoder import EncoderOutput, OnnxEncoders
 from limoe.templates import DEFAULT_TEMPLATES
 from limoe.tokenizer import Tokenizer
@@ -95,11 +96,13 @@ def test_manifest_describes_the_entry(exported):
     assert m["moe"] == {"layers": [1, 2], "num_experts": 4, "top_k": 2, "eval_capacity_factor": 0.5,
                         "batch_priority": True}
     assert set(m["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "encoders.torchscript.pt",
-                               "tokenizer.json", "image_encoder.int8.onnx", "text_encoder.int8.onnx", "MODEL_CARD.md"}
+                               "tokenizer.json", "image_encoder.int8.onnx", "text_encoder.int8.onnx", "MODEL_CARD.md",
+                               "encoders.weights", "encoders.int8.weights"}
+    assert m["roles"]["onnx_weights"] == "encoders.weights" and m["roles"]["onnx_weights_int8"] == "encoders.int8.weights"
     assert m["stats"]["total_params"] == sum(p.numel() for p in model.parameters())
     card = (entry / "MODEL_CARD.md").read_text()
     assert card.startswith("# tiny version 1") and "No training run recorded" in card
-    assert "| toy | 50.0% | 100.0% | 3 | 4 |" in card  # the checkpoint's stored evaluation
+    assert "| toy | 50.0% | 100.0% | - | 3 | 4 |" in card  # the checkpoint's stored evaluation
     for file, record in m["files"].items():
         assert record["size"] == (entry / file).stat().st_size and len(record["sha256"]) == 64
     assert Tokenizer.load(entry / "tokenizer.json").encode(["cat"]).tolist() == tok.encode(["cat"]).tolist()
@@ -164,3 +167,50 @@ def test_onnx_session_options_do_not_change_results(exported):
     default = OnnxEncoders.from_entry(entry).encode_images(images.numpy()).embeddings
     tuned = OnnxEncoders.from_entry(entry, threads=1, spinning=False).encode_images(images.numpy()).embeddings
     np.testing.assert_allclose(tuned, default, atol=1e-6, rtol=0)
+
+
+def test_the_two_graphs_share_one_copy_of_the_tower(exported):
+    """Image and text graphs point at the same bytes of encoders.weights for every tower weight."""
+    import onnx
+
+    _, _, entry, _ = exported
+    graphs = [onnx.load(str(entry / f"{m}_encoder.onnx"), load_external_data=False) for m in ("image", "text")]
+    places = [{tuple((e.key, e.value) for e in t.external_data) for t in g.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL} for g in graphs]
+    nbytes = lambda ps: sum(int(dict(p)["length"]) for p in ps)  # noqa: E731
+    both = places[0] & places[1]
+    assert nbytes(both) > nbytes(places[0] - both)  # the tower is shared; the heads and embeddings are not
+    assert all(dict(p)["location"] == "encoders.weights" for p in places[0] | places[1])
+    stored = (entry / "encoders.weights").stat().st_size
+    unique = places[0] | places[1]
+    assert nbytes(unique) <= stored < nbytes(unique) + 4096 * len(unique)  # each tensor once (plus alignment)
+    assert stored < nbytes(places[0]) + nbytes(places[1]) - nbytes(both) // 2
+
+
+def test_int8_only_entry_is_small_and_served_without_choosing(exported, tmp_path):
+    """`--formats int8` (the shipped default's format): the int8 graphs alone, picked automatically."""
+    model, _, entry, ckpt = exported
+    store = tmp_path / "store"
+    assert main(["export", str(ckpt), "--name", "small8", "--store", str(store), "--formats", "int8"]) == 0
+    small = store / "small8" / "1"
+    m = json.loads((small / "manifest.json").read_text())
+    assert set(m["roles"]) == {"image_onnx_int8", "text_onnx_int8", "onnx_weights_int8", "tokenizer", "model_card"}
+    assert not (small / "image_encoder.onnx").exists() and not (small / "encoders.torchscript.pt").exists()
+    assert m["quantization"]["int8"]["image"]["embedding_cosine_mean"] > 0.98  # checked against fp32 first
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(small) < size(entry)
+
+    auto = OnnxEncoders.from_entry(small)
+    assert auto.quantized
+    images, _ = random_batch(model.cfg, 2)
+    reference = OnnxEncoders.from_entry(entry, quantized=True).encode_images(images.numpy()).embeddings
+    np.testing.assert_allclose(auto.encode_images(images.numpy()).embeddings, reference, atol=1e-6)
+    with pytest.raises(ModelStoreError, match="int8 graphs only"):
+        OnnxEncoders.from_entry(small, quantized=False)
+    assert not OnnxEncoders.from_entry(entry).quantized  # fp32 wins when both are there
+
+
+def test_export_rejects_unknown_formats(exported, tmp_path, capsys):
+    _, _, _, ckpt = exported
+    assert main(["export", str(ckpt), "--name", "x", "--store", str(tmp_path), "--formats", "onnx,tflite"]) == 1
+    assert "formats must be a non-empty subset of onnx, torchscript, int8" in capsys.readouterr().err

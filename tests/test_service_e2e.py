@@ -32,7 +32,7 @@ def png(color, size=(40, 30)) -> bytes:
 
 @pytest.fixture(scope="module")
 def live():
-    with serve_process(max_batch_wait_ms=2) as (base, proc):
+    with serve_process(model="limoe-tiny", max_batch_wait_ms=2) as (base, proc):
         yield base, proc
 
 
@@ -166,7 +166,7 @@ def test_serve_path_needs_no_torch(tmp_path):
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(tmp_path) + (os.pathsep + old if old else "")
     try:
-        with serve_process() as (base, _):
+        with serve_process(model="limoe-tiny") as (base, _):
             r = httpx.post(f"{base}/v1/classify", json={"images": [base64.b64encode(png((9, 9, 9))).decode()],
                                                          "labels": LABELS}, timeout=30)
             assert r.status_code == 200
@@ -193,7 +193,7 @@ def test_damaged_model_is_refused_at_start(tmp_path):
     data = bytearray(onnx.read_bytes())
     data[100] ^= 0xFF
     onnx.write_bytes(bytes(data))
-    code, err = _serve_fails({"LIMOE_MODEL_STORE": str(store)})
+    code, err = _serve_fails({"LIMOE_MODEL_STORE": str(store), "LIMOE_MODEL": "limoe-tiny"})
     assert code != 0
     assert "image_encoder.onnx: wrong sha256" in err
 
@@ -215,7 +215,7 @@ def test_default_store_is_the_repository_one():
 
 def test_torchscript_backend_agrees_with_onnx():
     image = png((120, 60, 200))
-    with serve_process(backend="torchscript", device="cpu") as (base, _):
+    with serve_process(model="limoe-tiny", backend="torchscript", device="cpu") as (base, _):
         models = httpx.get(f"{base}/v1/models").json()["models"][0]
         assert models["backend"] == "torchscript" and models["device"] == "cpu"
         r = httpx.post(f"{base}/v1/classify", json={"images": [base64.b64encode(image).decode()], "labels": LABELS},

@@ -21,3 +21,9 @@ def test_every_shipped_entry_verifies_and_encodes():
             text = enc.encode_texts(["a red circle", "a blue square"])
             assert out.embeddings.shape == text.embeddings.shape == (2, enc.manifest.data["embedding_size"])
             np.testing.assert_allclose(np.linalg.norm(text.embeddings, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_shipped_models_stay_small():
+    """Everything committed under model_store/ (the issue's budget: under 25 MB)."""
+    total = sum(f.stat().st_size for f in STORE.rglob("*") if f.is_file())
+    assert total < 25e6, f"model_store/ holds {total / 1e6:.1f} MB"

@@ -162,8 +162,10 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     assert main(["eval", str(entry), "--cache", str(tmp_path / "cache"), "--limit", "50"]) == 0
     from limoe.model_store import verify
 
-    verify(entry)  # the re-rendered model card's checksum was updated too
+    m = verify(entry)  # the re-rendered model card's checksum was updated too, and the plots are listed
+    assert m.file("plot_expert_usage").name == "expert_usage.png" and m.has("plot_routing_maps")
     card = (entry / "MODEL_CARD.md").read_text()
+    assert "![Expert usage by modality, per MoE layer](expert_usage.png)" in card and "10-way top-1" in card
     assert "| scenes/held-out colour-shape pairs |" in card and "steps of batch 8" in card and "data mix `scenes`" in card
     again = read_manifest(entry).data["evaluation"]["zero_shot"]  # the ONNX export on the same images
     for name, r in results["zero_shot"].items():  # equal up to near-ties flipped by 1e-7 differences
