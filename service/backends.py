@@ -39,10 +39,27 @@ class Backend(Protocol):
 
 
 def load_manifest(settings: Settings) -> Manifest:
-    """The verified store entry the settings point at (a name in the store, or a directory)."""
+    """The verified store entry the settings point at (a name in the store, or a directory),
+    checked to hold the files the chosen backend runs."""
     if settings.model_is_path:
-        return verify(Path(settings.model))
-    return ModelStore(settings.model_store).load(settings.model, settings.model_version)
+        manifest = verify(Path(settings.model))
+    else:
+        manifest = ModelStore(settings.model_store).load(settings.model, settings.model_version)
+    roles = set(manifest.data.get("roles", {}))
+    if settings.backend == "torchscript":
+        needed = {"torchscript"}
+        hint = "export it with --formats torchscript, or use LIMOE_BACKEND=onnx"
+    elif settings.quantized is None:
+        needed = {"image_onnx", "text_onnx"} if "image_onnx" in roles else {"image_onnx_int8", "text_onnx_int8"}
+        hint = "export it with --formats onnx or int8"
+    else:
+        suffix = "_int8" if settings.quantized else ""
+        needed = {f"image_onnx{suffix}", f"text_onnx{suffix}"}
+        hint = f"export it with --formats {'int8' if settings.quantized else 'onnx'}, or unset LIMOE_QUANTIZED"
+    if missing := sorted(needed - roles):
+        raise ModelStoreError(f"{manifest.path}: the {settings.backend} backend needs {', '.join(missing)}, "
+                              f"which this entry does not have ({hint})")
+    return manifest
 
 
 def _preprocess_config(manifest: Manifest) -> PreprocessConfig:

@@ -205,6 +205,11 @@ def test_invalid_settings_fail_with_the_variable_named():
     assert code == 2 and "LIMOE_DEVICE" in err
     code, err = _serve_fails({"LIMOE_MODEL": "no-such-model"})
     assert code != 0 and "no model named 'no-such-model'" in err
+    # the shipped default holds int8 ONNX graphs only: other backends are refused in one line
+    code, err = _serve_fails({"LIMOE_BACKEND": "torchscript"})
+    assert code == 1 and "the torchscript backend needs torchscript, which this entry does not have" in err
+    code, err = _serve_fails({"LIMOE_QUANTIZED": "false"})
+    assert code == 1 and "needs image_onnx, text_onnx" in err and "Traceback" not in err
 
 
 def test_default_store_is_the_repository_one():
