@@ -147,21 +147,20 @@ def quantize_int8(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
-def share_weights(graphs: Sequence[Path], data_file: Path, min_bytes: int = 1024, align: int = 4096) -> dict[str, int]:
+def share_weights(graphs: Sequence[Path], data_file: Path, min_bytes: int = 1024, align: int = 4096) -> None:
     """Move the graphs' initializers into one external-data file, each distinct tensor once.
 
     The image and text encoders are one transformer: exported apart, both graphs carry the same
     tower weights. Here every initializer of at least `min_bytes` is keyed by its dtype, shape
     and bytes; the first copy goes into `data_file` (offsets aligned to `align` bytes, so ONNX
     Runtime can map them) and every graph points at it. The graphs stay valid ONNX; ONNX
-    Runtime finds `data_file` next to them. Returns bytes before and after."""
+    Runtime finds `data_file` next to them."""
     import hashlib
 
     import onnx
 
     models = [onnx.load(str(g)) for g in graphs]
     offsets: dict[bytes, tuple[int, int]] = {}
-    before = sum(g.stat().st_size for g in graphs)
     with open(data_file, "wb") as out:
         for model in models:
             for t in model.graph.initializer:
@@ -181,7 +180,6 @@ def share_weights(graphs: Sequence[Path], data_file: Path, min_bytes: int = 1024
                     entry.key, entry.value = k, v
     for model, g in zip(models, graphs):
         onnx.save_model(model, str(g))  # the tensors already point at data_file: nothing else is written
-    return {"before": before, "after": sum(g.stat().st_size for g in graphs) + data_file.stat().st_size}
 
 
 def onnx_agreement(fp32: Path, int8: Path, feed: dict[str, np.ndarray]) -> dict[str, float]:

@@ -26,6 +26,21 @@ class EncoderOutput:
     dropped: np.ndarray  # (B, M, T, K) bool
 
 
+def graph_suffix(manifest: Manifest, quantized: bool | None) -> str:
+    """Which ONNX graphs of the entry to run: "" (fp32) or "_int8". quantized=None picks fp32 when
+    the entry has them, else int8. An entry without the chosen pair is refused, saying what it has."""
+    if quantized is None:
+        quantized = not manifest.has("image_onnx")
+    suffix = "_int8" if quantized else ""
+    missing = [role for role in (f"image_onnx{suffix}", f"text_onnx{suffix}") if not manifest.has(role)]
+    if missing:
+        have = "int8 graphs only" if manifest.has("image_onnx_int8") else "no int8 graphs"
+        raise ModelStoreError(f"{manifest.path}: the onnx backend needs {', '.join(missing)}, which this entry "
+                              f"does not have (it has {have}; unset LIMOE_QUANTIZED, or export it with "
+                              f"--formats {'int8' if quantized else 'onnx'})")
+    return suffix
+
+
 class OnnxEncoders:
     def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None,
                  threads: int | None = None, quantized: bool | None = None, spinning: bool = True):
@@ -34,14 +49,8 @@ class OnnxEncoders:
         import onnxruntime as ort
 
         self.manifest = manifest
-        if quantized is None:
-            quantized = not manifest.has("image_onnx")
-        suffix = "_int8" if quantized else ""
-        if not manifest.has(f"image_onnx{suffix}"):
-            have = "int8 graphs only" if manifest.has("image_onnx_int8") else "no int8 graphs"
-            raise ModelStoreError(f"{manifest.path}: this entry has {have}; "
-                                  f"{'drop' if quantized else 'set'} the int8 choice (LIMOE_QUANTIZED)")
-        self.quantized = quantized
+        suffix = graph_suffix(manifest, quantized)
+        self.quantized = suffix == "_int8"
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from limoe.model_store import Manifest, ModelStore, ModelStoreError, verify
-from limoe.onnx_encoder import EncoderOutput, OnnxEncoders
+from limoe.onnx_encoder import EncoderOutput, OnnxEncoders, graph_suffix
 from limoe.preprocess import PreprocessConfig
 from limoe.tokenizer import Tokenizer
 from service.settings import Settings
@@ -45,20 +45,11 @@ def load_manifest(settings: Settings) -> Manifest:
         manifest = verify(Path(settings.model))
     else:
         manifest = ModelStore(settings.model_store).load(settings.model, settings.model_version)
-    roles = set(manifest.data.get("roles", {}))
-    if settings.backend == "torchscript":
-        needed = {"torchscript"}
-        hint = "export it with --formats torchscript, or use LIMOE_BACKEND=onnx"
-    elif settings.quantized is None:
-        needed = {"image_onnx", "text_onnx"} if "image_onnx" in roles else {"image_onnx_int8", "text_onnx_int8"}
-        hint = "export it with --formats onnx or int8"
-    else:
-        suffix = "_int8" if settings.quantized else ""
-        needed = {f"image_onnx{suffix}", f"text_onnx{suffix}"}
-        hint = f"export it with --formats {'int8' if settings.quantized else 'onnx'}, or unset LIMOE_QUANTIZED"
-    if missing := sorted(needed - roles):
-        raise ModelStoreError(f"{manifest.path}: the {settings.backend} backend needs {', '.join(missing)}, "
-                              f"which this entry does not have ({hint})")
+    if settings.backend == "onnx":
+        graph_suffix(manifest, settings.quantized)  # raises, naming what the entry lacks
+    elif not manifest.has("torchscript"):
+        raise ModelStoreError(f"{manifest.path}: the torchscript backend needs torchscript, which this entry does "
+                              "not have (export it with --formats torchscript, or use LIMOE_BACKEND=onnx)")
     return manifest
 
 
