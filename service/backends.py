@@ -59,6 +59,32 @@ def _preprocess_config(manifest: Manifest) -> PreprocessConfig:
                             tuple(p.get("background", (255, 255, 255))))
 
 
+class DeviceError(RuntimeError):
+    """LIMOE_DEVICE names hardware or libraries this machine's backend cannot use."""
+
+
+def check_device(settings: Settings) -> None:
+    """Refuse a CUDA device the chosen backend cannot reach, before any model is loaded."""
+    device = settings.device
+    if not device.startswith("cuda"):
+        return
+    if settings.backend == "onnx":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise DeviceError(f"LIMOE_DEVICE={device}, but this onnxruntime has no CUDA provider (it has "
+                              f"{', '.join(available)}): install onnxruntime-gpu, or set LIMOE_DEVICE=cpu")
+        return
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"LIMOE_DEVICE={device}, but torch sees {torch.cuda.device_count()} CUDA device(s)"
+                          + ("" if torch.cuda.is_available() else " (a CPU-only build, or no driver)")
+                          + ": set LIMOE_DEVICE=cpu or another index")
+
+
 class OnnxBackend:
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, quantized: bool | None = None,
                  spinning: bool = True):
@@ -75,10 +101,15 @@ class OnnxBackend:
         active = self._enc.providers
         # ONNX Runtime falls back to CPU silently; say so, and refuse when CUDA was demanded.
         if want_cuda and "CUDAExecutionProvider" not in active:
-            if device != "auto":
-                raise ModelStoreError(f"device {device!r} requested but ONNX Runtime runs on {active} "
-                                      "(install onnxruntime-gpu with matching CUDA/cuDNN libraries)")
+            if device != "auto":  # the provider exists but did not start (CUDA/cuDNN libraries)
+                raise DeviceError(f"LIMOE_DEVICE={device}, but ONNX Runtime runs on {', '.join(active)} "
+                                  "(install onnxruntime-gpu with matching CUDA/cuDNN libraries)")
             log.warning("CUDA provider not active; running on %s", active)
+        if "CUDAExecutionProvider" in active and self._enc.quantized:
+            # Dynamic int8 (MatMulInteger, DynamicQuantizeLinear) has CPU kernels only.
+            log.warning("%s v%s runs its int8 graphs: ONNX Runtime places their quantised matmuls on the CPU "
+                        "even with CUDA; export fp32 graphs (limoe export CKPT --formats onnx) for GPU speed",
+                        manifest.name, manifest.version)
         self.device = active[0] + (" (int8)" if self._enc.quantized else "")
         self.manifest = manifest.data
         self.name, self.version = manifest.name, manifest.version
@@ -100,8 +131,6 @@ class TorchScriptBackend:
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelStoreError(f"device {device!r} requested but torch sees no CUDA device")
         if threads and device == "cpu":
             torch.set_num_threads(threads)
         self._torch = torch
@@ -132,6 +161,7 @@ class TorchScriptBackend:
 
 
 def load_backend(settings: Settings) -> Backend:
+    check_device(settings)
     manifest = load_manifest(settings)
     if settings.backend == "onnx":
         return OnnxBackend(manifest, settings.device, settings.threads, settings.quantized, settings.spinning)

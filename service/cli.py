@@ -23,10 +23,14 @@ def serve(argv_overrides: dict | None = None) -> int:
             print(f"  LIMOE_{field.upper()}: {err['msg']}", file=sys.stderr)
         return 2
     from limoe.model_store import ModelStoreError
-    from service.backends import load_manifest
+    from service.backends import DeviceError, check_device, load_manifest
 
     try:  # fail before uvicorn starts, with one clear line instead of a lifespan traceback
+        check_device(settings)
         load_manifest(settings)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ModelStoreError as e:
         print(f"error: cannot serve model {settings.model!r}: {e}", file=sys.stderr)
         return 1

@@ -210,6 +210,15 @@ def test_invalid_settings_fail_with_the_variable_named():
     assert code == 1 and "the torchscript backend needs torchscript, which this entry does not have" in err
     code, err = _serve_fails({"LIMOE_QUANTIZED": "false"})
     assert code == 1 and "needs image_onnx, text_onnx" in err and "Traceback" not in err
+    # a device the backend cannot reach is refused before loading, also in one line
+    code, err = _serve_fails({"LIMOE_DEVICE": "cuda:64", "LIMOE_BACKEND": "torchscript", "LIMOE_MODEL": "limoe-tiny"})
+    assert code == 1 and "error: LIMOE_DEVICE=cuda:64, but torch sees" in err and "Traceback" not in err
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        code, err = _serve_fails({"LIMOE_DEVICE": "cuda"})
+        assert code == 1 and "error: LIMOE_DEVICE=cuda, but this onnxruntime has no CUDA provider" in err
+        assert "Traceback" not in err
 
 
 def test_default_store_is_the_repository_one():
