@@ -1,7 +1,7 @@
 """HTTP overhead: end-to-end images/s through `limoe serve` versus the raw ONNX backend in process
 at the same batch size, same images and same ONNX Runtime thread count, measured side by side.
 
-    python bench/http_overhead.py [--batch 32] [--clients 2] [--rounds 5] [--duration 4] [--threads 1]
+    python bench/http_overhead.py [--batch 32] [--clients 2] [--rounds 5] [--duration 4] [--threads 0]
                                   [--format json|multipart] [--store DIR --model NAME]
 
 Server path: `limoe serve` with LIMOE_MAX_BATCH_SIZE=B and LIMOE_MAX_IMAGES_PER_REQUEST=B; each of

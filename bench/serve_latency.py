@@ -2,7 +2,7 @@
 then an open-loop Poisson load at half of it, with latency percentiles.
 
     python bench/serve_latency.py [--clients 64] [--saturation-rounds 3] [--saturation-seconds 4]
-                                  [--fraction 0.5] [--duration 20] [--threads 1] [--wait-ms 5]
+                                  [--fraction 0.5] [--duration 20] [--threads 0] [--wait-ms 5]
                                   [--format json|multipart] [--store DIR --model NAME]
 
 One server (LIMOE_MAX_BATCH_SIZE=32) on 127.0.0.1; a request is one 64x64 PNG plus 5 fixed

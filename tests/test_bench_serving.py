@@ -1,0 +1,50 @@
+"""The serving benchmarks end to end at toy scale, on the tiny test model: real `limoe serve`
+processes, the aiohttp load generator, the in-process reference, and the report lines the
+closing notes quote (the figures themselves are timing and are not asserted)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from servers import ROOT
+
+SHORT = ["--model", "limoe-tiny", "--warmup", "0.5", "--max-requests", "400"]
+RATE = r"(\d+\.\d+)"
+
+
+def run_bench(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, f"bench/{script}", *SHORT, *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not re.search(r"\b[1-9]\d* failed", out.stdout), out.stdout  # every request answered
+    return out.stdout
+
+
+@pytest.mark.parametrize("fmt", ["json", "multipart"])
+def test_serve_batching(fmt):
+    out = run_bench("serve_batching.py", "--clients", "8", "--rounds", "2", "--duration", "0.5",
+                    "--raw-seconds", "0.1", "--format", fmt)
+    rates = {m[0]: float(m[1]) for m in re.findall(rf"^(batch32|batch1) *: +{RATE} images/s", out, re.M)}
+    assert set(rates) == {"batch32", "batch1"} and min(rates.values()) > 0, out
+    assert re.search(r"batch1 *:.*mean batch  1\.0,", out), out  # max batch 1 really ran one at a time
+    assert re.search(rf"batch 1 {RATE}, batch 32 {RATE} images/s = ratio", out), out
+    last = out.strip().splitlines()[-1]
+    assert last == f"ratio batch32/batch1 images/s: {rates['batch32'] / rates['batch1']:.2f}", out
+
+
+def test_http_overhead():
+    out = run_bench("http_overhead.py", "--batch", "4", "--rounds", "2", "--duration", "0.5")
+    server = float(re.search(rf"^server: +{RATE} images/s", out, re.M)[1])
+    raw = float(re.search(rf"^raw: +{RATE} images/s", out, re.M)[1])
+    assert server > 0 and raw > 0
+    assert out.strip().splitlines()[-1] == f"ratio server/raw images/s: {server / raw:.3f}", out
+
+
+def test_serve_latency():
+    out = run_bench("serve_latency.py", "--clients", "8", "--saturation-rounds", "1", "--saturation-seconds", "0.5",
+                    "--duration", "1", "--drain", "5")
+    assert re.search(r"\d+ sent, \d+ answered, 0 failed", out), out
+    assert re.search(rf"^p50 {RATE} ms, p99 {RATE} ms at {RATE} req/s \(half of saturation {RATE} req/s\)$",
+                     out.strip().splitlines()[-1]), out
