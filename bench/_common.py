@@ -238,6 +238,14 @@ class Server:
                 main = sec
         return {"main": main, "other": total - main, "total": total}
 
+    def rss(self) -> int:
+        """Resident memory of the server process now, in bytes (VmRSS)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"server {self.name}: no VmRSS in /proc/{self.proc.pid}/status")
+
     def metrics(self) -> dict[str, float]:
         """Sums and counts of the image encoder's histograms from /metrics."""
         from prometheus_client.parser import text_string_to_metric_families

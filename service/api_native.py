@@ -87,10 +87,13 @@ async def parse_classify(request: Request, max_images: int, max_labels: int) -> 
     if ctype == "multipart/form-data":
         form = await _read_form(request, max_images, max_labels + 40)
         images = []
-        for f in form.getlist("images"):
-            if not isinstance(f, UploadFile):
-                raise Unprocessable("'images' must be file parts", "invalid_images")
-            images.append(await f.read())
+        try:
+            for f in form.getlist("images"):
+                if not isinstance(f, UploadFile):
+                    raise Unprocessable("'images' must be file parts", "invalid_images")
+                images.append(await f.read())
+        finally:
+            await form.close()  # free the parts' buffers now, not when the response is sent
         top_k = form.get("top_k")
         try:
             top_k = int(top_k) if top_k not in (None, "") else None

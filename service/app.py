@@ -29,7 +29,7 @@ from service import api_hf, api_native, api_v2
 from service.backends import Backend, load_backend
 from service.engine import Engine
 from service.errors import ServiceError, Unauthorized
-from service.http import BodyLimitMiddleware, ClientGone, check_api_key
+from service.http import BodyBudget, BodyLimitMiddleware, ClientGone, check_api_key
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -110,7 +110,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         lifespan=lifespan,
     )
     app.state.settings, app.state.metrics, app.state.engine = settings, metrics, None
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.state.body_budget = BodyBudget(settings.max_inflight_bytes, metrics.body_bytes.set)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, budget=app.state.body_budget)
     app.add_middleware(Gatekeeper, settings=settings, metrics=metrics)
 
     @app.exception_handler(ServiceError)

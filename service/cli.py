@@ -19,8 +19,9 @@ def serve(argv_overrides: dict | None = None) -> int:
     except ValidationError as e:
         print("error: invalid settings:", file=sys.stderr)
         for err in e.errors():
-            field = ".".join(str(x) for x in err["loc"]) or "settings"
-            print(f"  LIMOE_{field.upper()}: {err['msg']}", file=sys.stderr)
+            field = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            print(f"  LIMOE_{field.upper()}: {msg}" if field else f"  {msg}", file=sys.stderr)
         return 2
     from limoe.model_store import ModelStoreError
     from service.backends import DeviceError, check_device, load_manifest

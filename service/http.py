@@ -7,13 +7,13 @@ import base64
 import binascii
 import hmac
 import json
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import (BadRequest, PayloadTooLarge, ServiceError, Timeout, Unauthorized, Unprocessable,
-                            UnsupportedMediaType)
+from service.errors import (BadRequest, Overloaded, PayloadTooLarge, ServiceError, Timeout, Unauthorized,
+                            Unprocessable, UnsupportedMediaType)
 
 T = TypeVar("T")
 
@@ -22,42 +22,89 @@ class BodyTooLarge(PayloadTooLarge):
     code = "body_too_large"
 
 
+class BodiesInFlight(Overloaded):
+    code = "too_many_bytes_in_flight"
+
+
+class BodyBudget:
+    """The request-body bytes that all requests in flight may hold together. A body is memory
+    until its request is answered (parsed into images, decoded, batched), so concurrent large
+    uploads are bounded here rather than by the machine's RAM. Event-loop only: no locking."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None):
+        self.limit, self.used, self.on_change = limit, 0, on_change
+
+    def take(self, n: int) -> bool:
+        if n > 0 and self.used + n > self.limit:
+            return False
+        self._set(self.used + n)
+        return True
+
+    def give(self, n: int) -> None:
+        self._set(self.used - n)
+
+    def _set(self, used: int) -> None:
+        self.used = used
+        if self.on_change:
+            self.on_change(used)
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over `limit` bytes with 413, by Content-Length up front and by
-    counting streamed chunks otherwise, so an oversized upload is never buffered whole."""
+    counting streamed chunks otherwise, so an oversized upload is never buffered whole. With a
+    `budget`, a body that would take the bytes held by all requests in flight over it gets 429
+    and Retry-After instead (before it is read when its length is declared)."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, budget: BodyBudget | None = None):
+        self.app, self.limit, self.budget = app, limit, budget
+
+    def _busy(self) -> BodiesInFlight:
+        return BodiesInFlight(f"the server holds {self.budget.used} bytes of request bodies in flight (limit "
+                              f"{self.budget.limit}); retry shortly, or send fewer or smaller images at once")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        held = 0
         if declared is not None:
             try:
-                too_big = int(declared) > self.limit
+                length = int(declared)
             except ValueError:
-                too_big = False
-            if too_big:
+                length = 0
+            if length > self.limit:
                 return await _send_error(send, BodyTooLarge(f"request body over {self.limit} bytes"))
+            if self.budget and length > 0:
+                if not self.budget.take(length):
+                    return await _send_error(send, self._busy())
+                held = length
         seen = 0
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, held
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise BodyTooLarge(f"request body over {self.limit} bytes")
+                if self.budget and seen > held:  # undeclared (chunked) bodies take budget as they arrive
+                    if not self.budget.take(seen - held):
+                        raise self._busy()
+                    held = seen
             return message
 
-        await self.app(scope, limited, send)
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            if self.budget:
+                self.budget.give(held)
 
 
 async def _send_error(send: Send, error: ServiceError) -> None:
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+               (b"connection", b"close")]  # the body was not read: the connection cannot be reused
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

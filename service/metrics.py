@@ -28,6 +28,9 @@ class Metrics:
                                            ["encoder"], buckets=_LATENCY, registry=r)
         self.batch_size = Histogram("limoe_batch_size", "items per forward pass", ["encoder"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.body_bytes = Gauge("limoe_request_body_bytes_in_flight",
+                                "request-body bytes held by requests in flight (LIMOE_MAX_INFLIGHT_BYTES bounds it)",
+                                registry=r)
         self.queue_depth = Gauge("limoe_queue_depth", "items waiting for a forward pass", ["encoder"], registry=r)
         self.items = Counter("limoe_items_total", "images and texts processed, by outcome",
                              ["encoder", "outcome"], registry=r)

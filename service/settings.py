@@ -46,6 +46,8 @@ class Settings(BaseSettings):
 
     # --- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_inflight_bytes: int = Field(128 * 1024 * 1024, ge=1024,
+                                    description="request-body bytes all requests in flight may hold; 429 beyond")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64)
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
     max_labels: int = Field(100, ge=1)
@@ -83,7 +85,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         if self.max_image_bytes > self.max_body_bytes:
-            raise ValueError("max_image_bytes cannot exceed max_body_bytes")
+            raise ValueError("LIMOE_MAX_IMAGE_BYTES cannot exceed LIMOE_MAX_BODY_BYTES")
+        if self.max_body_bytes > self.max_inflight_bytes:
+            raise ValueError("LIMOE_MAX_BODY_BYTES cannot exceed LIMOE_MAX_INFLIGHT_BYTES (such a body could never "
+                             "be served)")
         if self.quantized and self.backend != "onnx":
             raise ValueError("quantized graphs exist only for the onnx backend")
         return self

@@ -48,3 +48,16 @@ def test_serve_latency():
     assert re.search(r"\d+ sent, \d+ answered, 0 failed", out), out
     assert re.search(rf"^p50 {RATE} ms, p99 {RATE} ms at {RATE} req/s \(half of saturation {RATE} req/s\)$",
                      out.strip().splitlines()[-1]), out
+
+
+def test_serve_memory():
+    out = run_bench("serve_memory.py", "--requests", "120", "--distinct-labels", "400", "--bulk-requests", "2",
+                    "--big-requests", "8")
+    phases = re.findall(r"^(classify|again|bulk|big|after) *: +(\d+) ok, (\d+) refused \(429\) and retried, "
+                        r"0 failed in \d+ s; RSS at the end (\d+) MiB, peak (\d+) MiB$", out, re.M)
+    assert [p[0] for p in phases] == ["classify", "again", "bulk", "big", "after"], out
+    assert [int(p[1]) for p in phases] == [120, 120, 2, 8, 30], out  # every request answered in the end
+    assert re.search(r"^growth from the end of classify to the end of again \(120 requests later\): [+-]\d+\.\d MiB$",
+                     out, re.M), out
+    peak = int(re.search(r"^peak RSS (\d+) MiB \(target < 1024\)$", out, re.M)[1])
+    assert peak == max(int(p[4]) for p in phases) and peak < 1024, out  # 8 x 25 MB bodies stay bounded

@@ -1,0 +1,118 @@
+"""The request-body budget (LIMOE_MAX_INFLIGHT_BYTES): bodies held by requests in flight are
+bounded together; one that would pass the bound gets 429 + Retry-After, JSON, and the server
+keeps serving. Real `limoe serve`; a raw socket holds a request half-sent to occupy the budget."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.http import BodyBudget
+from servers import serve_process
+from test_service_e2e import _serve_fails
+
+BODY_LIMIT, BUDGET = 100_000, 150_000
+HELD = 90_000  # what the half-sent request declares
+
+
+def image_request(size: int) -> bytes:
+    """A valid /v1/classify JSON body of exactly `size` bytes (a noise PNG, padded with spaces)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "PNG")
+    body = json.dumps({"images": [base64.b64encode(buf.getvalue()).decode()], "labels": ["red", "blue"]}).encode()
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def in_flight(base: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("limoe_request_body_bytes_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no limoe_request_body_bytes_in_flight in /metrics")
+
+
+def wait_in_flight(base: str, value: float) -> None:
+    deadline = time.monotonic() + 10
+    while in_flight(base) != value:
+        assert time.monotonic() < deadline, f"bytes in flight stayed {in_flight(base)}, expected {value}"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def half_sent(base: str, declared: int = HELD):
+    """A request that declared `declared` bytes and sent 10: it holds its budget until the rest
+    comes. Yields a function that sends the rest (invalid JSON) and returns the status line."""
+    url = urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n{\"images\":" % declared)
+        wait_in_flight(base, declared)
+
+        def finish() -> bytes:
+            s.sendall(b"x" * (declared - 10))
+            return s.recv(65536).split(b"\r\n")[0]
+
+        yield finish
+
+
+@pytest.fixture(scope="module")
+def base():
+    with serve_process(model="limoe-tiny", max_body_bytes=BODY_LIMIT, max_image_bytes=BODY_LIMIT,
+                       max_inflight_bytes=BUDGET) as (url, _):
+        yield url
+
+
+def test_budget_counts_and_refuses():
+    seen = []
+    b = BodyBudget(100, seen.append)
+    assert b.take(60) and b.take(40) and not b.take(1) and b.used == 100
+    b.give(60)
+    assert b.take(0) and b.take(50) and b.used == 90
+    assert seen == [60, 100, 40, 40, 90]
+
+
+def test_a_body_over_the_budget_waits_its_turn(base):
+    body = image_request(HELD)
+    with half_sent(base) as finish:
+        r = httpx.post(base + "/v1/classify", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["code"] == "too_many_bytes_in_flight" and "retry" in r.json()["error"]
+        small = image_request(20_000)  # fits beside the held request
+        assert httpx.post(base + "/v1/classify", content=small, headers={"content-type": "application/json"}
+                          ).status_code == 200
+        assert finish().startswith(b"HTTP/1.1 400")  # the held request is answered on its own merits
+    wait_in_flight(base, 0)
+    r = httpx.post(base + "/v1/classify", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["results"][0]["labels"]
+
+
+def test_a_chunked_body_takes_budget_as_it_arrives(base):
+    def chunks():
+        for _ in range(9):
+            yield b" " * 10_000
+
+    with half_sent(base) as finish:
+        r = httpx.post(base + "/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+        assert "content-length" not in {k.lower() for k in r.request.headers}
+        assert r.status_code == 429 and r.json()["code"] == "too_many_bytes_in_flight"
+        finish()
+    wait_in_flight(base, 0)  # what the refused chunked body took was given back
+    small = image_request(20_000)
+    assert httpx.post(base + "/v1/classify", content=small, headers={"content-type": "application/json"}
+                      ).status_code == 200
+
+
+def test_body_limit_above_the_budget_is_refused_at_start():
+    code, err = _serve_fails({"LIMOE_MAX_BODY_BYTES": "2000000", "LIMOE_MAX_IMAGE_BYTES": "1000000",
+                              "LIMOE_MAX_INFLIGHT_BYTES": "1000000"})
+    assert code == 2 and "\n  LIMOE_MAX_BODY_BYTES cannot exceed LIMOE_MAX_INFLIGHT_BYTES" in err
