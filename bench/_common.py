@@ -50,15 +50,23 @@ def add_model_args(p) -> None:
                    help="where --fresh exports its model once and reuses it (default: %(default)s)")
 
 
-def add_server_args(p, max_requests: int = 5000) -> None:
-    """Server and load settings every serving benchmark shares."""
-    p.add_argument("--max-requests", type=int, default=max_requests, help="requests per timed round at most")
-    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds of load first")
+def bench_parser(doc: str, max_requests: int = 5000, load: bool = True):
+    """A serving benchmark's argument parser: its docstring as help, the model and server options,
+    and (with `load`) the closed-loop load options."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(doc.splitlines()[1:]))
+    add_model_args(p)
     p.add_argument("--wait-ms", type=float, default=5.0, help="LIMOE_MAX_BATCH_WAIT_MS")
     p.add_argument("--threads", type=int, default=0,
                    help="LIMOE_THREADS, ONNX Runtime intra-op threads; 0 (default) = its default, all cores, as "
                         "the service runs unless told otherwise")
-    p.add_argument("--format", choices=["json", "multipart"], default="json", help="request encoding")
+    if load:
+        p.add_argument("--max-requests", type=int, default=max_requests, help="requests per timed round at most")
+        p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds of load first")
+        p.add_argument("--format", choices=["json", "multipart"], default="json", help="request encoding")
+    return p
 
 
 def ensure_store(store: str | None, model: str, cache: str | Path, fresh: bool = False) -> Path:

@@ -21,7 +21,6 @@ terminated. The last line is the ratio server/raw images/s (target >= 0.7).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -34,8 +33,7 @@ import numpy as np
 from _common import (
     LABELS,
     Server,
-    add_model_args,
-    add_server_args,
+    bench_parser,
     close_clients,
     closed_loop,
     diff,
@@ -76,11 +74,7 @@ def raw_round(enc, requests: list[list[bytes]], seconds: float) -> dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    add_model_args(p)
-    add_server_args(p, max_requests=2000)
+    p = bench_parser(__doc__, max_requests=2000)
     p.add_argument("--batch", type=int, default=32, help="images per request = server max batch = raw batch")
     p.add_argument("--clients", type=int, default=2, help="concurrent closed-loop clients")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per path (interleaved)")

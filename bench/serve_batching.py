@@ -23,7 +23,6 @@ images/s (target >= 3 on CPU).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -36,8 +35,7 @@ import numpy as np
 from _common import (
     LABELS,
     Server,
-    add_model_args,
-    add_server_args,
+    bench_parser,
     close_clients,
     closed_loop,
     diff,
@@ -57,11 +55,7 @@ from _common import (
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    add_model_args(p)
-    add_server_args(p)
+    p = bench_parser(__doc__)
     p.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per server (interleaved)")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per round")

@@ -21,7 +21,6 @@ line: `p50 X ms, p99 Y ms at Z req/s (half of saturation W req/s)`, Z the achiev
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -36,8 +35,7 @@ from _common import (
     LABELS,
     Load,
     Server,
-    add_model_args,
-    add_server_args,
+    bench_parser,
     close_clients,
     closed_loop,
     diff,
@@ -56,11 +54,7 @@ from _common import (
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    add_model_args(p)
-    add_server_args(p)
+    p = bench_parser(__doc__)
     p.add_argument("--clients", type=int, default=64, help="closed-loop clients when finding saturation")
     p.add_argument("--saturation-rounds", type=int, default=3)
     p.add_argument("--saturation-seconds", type=float, default=4.0, help="seconds per saturation round")

@@ -21,7 +21,6 @@ over the run (target < 1 GiB for the CPU service with the default model, DESIGN.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import os
@@ -35,8 +34,7 @@ import aiohttp
 import numpy as np
 from _common import (
     Server,
-    add_model_args,
-    add_server_args,
+    bench_parser,
     close_clients,
     encode_body,
     ensure_store,
@@ -152,11 +150,7 @@ async def measure(args, server: Server) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    add_model_args(p)
-    add_server_args(p)
+    p = bench_parser(__doc__, load=False)
     p.add_argument("--requests", type=int, default=2000, help="requests in each classify phase")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients in the classify phases")
     p.add_argument("--distinct-labels", type=int, default=10_000, help="labels drawn from (cache: 4096)")

@@ -10,13 +10,14 @@ import pytest
 
 from servers import ROOT
 
-SHORT = ["--model", "limoe-tiny", "--warmup", "0.5", "--max-requests", "400"]
+MODEL = ["--model", "limoe-tiny"]
+SHORT_LOAD = ["--warmup", "0.5", "--max-requests", "400"]
 RATE = r"(\d+\.\d+)"
 
 
-def run_bench(script: str, *args: str) -> str:
-    out = subprocess.run([sys.executable, f"bench/{script}", *SHORT, *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+def run_bench(script: str, *args: str, load: bool = True) -> str:
+    out = subprocess.run([sys.executable, f"bench/{script}", *MODEL, *(SHORT_LOAD if load else []), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert not re.search(r"\b[1-9]\d* failed", out.stdout), out.stdout  # every request answered
     return out.stdout
@@ -52,7 +53,7 @@ def test_serve_latency():
 
 def test_serve_memory():
     out = run_bench("serve_memory.py", "--requests", "120", "--distinct-labels", "400", "--bulk-requests", "2",
-                    "--big-requests", "8")
+                    "--big-requests", "8", load=False)
     phases = re.findall(r"^(classify|again|bulk|big|after) *: +(\d+) ok, (\d+) refused \(429\) and retried, "
                         r"0 failed in \d+ s; RSS at the end (\d+) MiB, peak (\d+) MiB$", out, re.M)
     assert [p[0] for p in phases] == ["classify", "again", "bulk", "big", "after"], out
