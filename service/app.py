@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     )
     app.state.settings, app.state.metrics, app.state.engine = settings, metrics, None
     app.state.body_budget = BodyBudget(settings.max_inflight_bytes, metrics.body_bytes.set)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, budget=app.state.body_budget)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, budget=app.state.body_budget,
+                       timeout_s=settings.body_timeout_s)
     app.add_middleware(Gatekeeper, settings=settings, metrics=metrics)
 
     @app.exception_handler(ServiceError)

@@ -26,6 +26,10 @@ class BodiesInFlight(Overloaded):
     code = "too_many_bytes_in_flight"
 
 
+class BodyTimeout(ServiceError):
+    status, code = 408, "body_timeout"
+
+
 class BodyBudget:
     """The request-body bytes that all requests in flight may hold together. A body is memory
     until its request is answered (parsed into images, decoded, batched), so concurrent large
@@ -50,13 +54,18 @@ class BodyBudget:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `limit` bytes with 413, by Content-Length up front and by
-    counting streamed chunks otherwise, so an oversized upload is never buffered whole. With a
-    `budget`, a body that would take the bytes held by all requests in flight over it gets 429
-    and Retry-After instead (before it is read when its length is declared)."""
+    """Guards every request body as it is read:
+    - over `limit` bytes: 413, by Content-Length up front, else by counting streamed chunks, so an
+      oversized upload is never buffered whole;
+    - with a `budget`: a body gets 429 and Retry-After when its declared length does not fit
+      beside the bytes that requests in flight hold (before it is read), or when its bytes stop
+      fitting as they arrive. A request holds only what it has sent, so connections that
+      declare large bodies and send nothing cannot lock others out;
+    - not complete `timeout_s` seconds after the request began: 408 (slow or stalled senders
+      hold a connection and their bytes, so they cannot hold them for ever)."""
 
-    def __init__(self, app: ASGIApp, limit: int, budget: BodyBudget | None = None):
-        self.app, self.limit, self.budget = app, limit, budget
+    def __init__(self, app: ASGIApp, limit: int, budget: BodyBudget | None = None, timeout_s: float | None = None):
+        self.app, self.limit, self.budget, self.timeout_s = app, limit, budget, timeout_s
 
     def _busy(self) -> BodiesInFlight:
         return BodiesInFlight(f"the server holds {self.budget.used} bytes of request bodies in flight (limit "
@@ -66,7 +75,6 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        held = 0
         if declared is not None:
             try:
                 length = int(declared)
@@ -74,30 +82,37 @@ class BodyLimitMiddleware:
                 length = 0
             if length > self.limit:
                 return await _send_error(send, BodyTooLarge(f"request body over {self.limit} bytes"))
-            if self.budget and length > 0:
-                if not self.budget.take(length):
-                    return await _send_error(send, self._busy())
-                held = length
+            if self.budget and self.budget.used + length > self.budget.limit:
+                return await _send_error(send, self._busy())
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
         seen = 0
+        complete = False
 
         async def limited() -> Message:
-            nonlocal seen, held
-            message = await receive()
+            nonlocal seen, complete
+            if complete or deadline is None:  # after the body only http.disconnect remains: no deadline
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                except asyncio.TimeoutError:
+                    raise BodyTimeout(f"the request body did not arrive within {self.timeout_s:g}s") from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
+                chunk = len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if seen + chunk > self.limit:
                     raise BodyTooLarge(f"request body over {self.limit} bytes")
-                if self.budget and seen > held:  # undeclared (chunked) bodies take budget as they arrive
-                    if not self.budget.take(seen - held):
-                        raise self._busy()
-                    held = seen
+                if self.budget and not self.budget.take(chunk):
+                    raise self._busy()
+                seen += chunk
             return message
 
         try:
             await self.app(scope, limited, send)
         finally:
             if self.budget:
-                self.budget.give(held)
+                self.budget.give(seen)
 
 
 async def _send_error(send: Send, error: ServiceError) -> None:

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_inflight_bytes: int = Field(128 * 1024 * 1024, ge=1024,
                                     description="request-body bytes all requests in flight may hold; 429 beyond")
+    body_timeout_s: float = Field(60.0, gt=0, description="seconds a client may take to send a request body; "
+                                                         "408 beyond")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64)
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
     max_labels: int = Field(100, ge=1)

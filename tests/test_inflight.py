@@ -49,20 +49,26 @@ def wait_in_flight(base: str, value: float) -> None:
 
 
 @contextlib.contextmanager
-def half_sent(base: str, declared: int = HELD):
-    """A request that declared `declared` bytes and sent 10: it holds its budget until the rest
-    comes. Yields a function that sends the rest (invalid JSON) and returns the status line."""
+def half_sent(base: str, declared: int = HELD, sent: int = HELD - 10_000):
+    """A request that declared `declared` bytes and sent `sent` of them: it holds what it sent
+    until the rest comes. Yields a function that sends the rest (not JSON) and returns the
+    answer's status line."""
     url = urlsplit(base)
+    before = in_flight(base)
     with socket.create_connection((url.hostname, url.port), timeout=10) as s:
         s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n{\"images\":" % declared)
-        wait_in_flight(base, declared)
+                  b"Content-Length: %d\r\n\r\n" % declared + b"x" * sent)
+        wait_in_flight(base, before + sent)
 
         def finish() -> bytes:
-            s.sendall(b"x" * (declared - 10))
+            s.sendall(b"x" * (declared - sent))
             return s.recv(65536).split(b"\r\n")[0]
 
         yield finish
+
+
+def post(base: str, body) -> httpx.Response:
+    return httpx.post(base + "/v1/classify", content=body, headers={"content-type": "application/json"}, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +89,22 @@ def test_budget_counts_and_refuses():
 
 def test_a_body_over_the_budget_waits_its_turn(base):
     body = image_request(HELD)
-    with half_sent(base) as finish:
-        r = httpx.post(base + "/v1/classify", content=body, headers={"content-type": "application/json"})
+    with half_sent(base) as finish:  # 80,000 of 150,000 held
+        r = post(base, body)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["code"] == "too_many_bytes_in_flight" and "retry" in r.json()["error"]
-        small = image_request(20_000)  # fits beside the held request
-        assert httpx.post(base + "/v1/classify", content=small, headers={"content-type": "application/json"}
-                          ).status_code == 200
+        assert post(base, image_request(20_000)).status_code == 200  # fits beside the held request
         assert finish().startswith(b"HTTP/1.1 400")  # the held request is answered on its own merits
     wait_in_flight(base, 0)
-    r = httpx.post(base + "/v1/classify", content=body, headers={"content-type": "application/json"})
+    r = post(base, body)
     assert r.status_code == 200 and r.json()["results"][0]["labels"]
+
+
+def test_declaring_a_body_without_sending_it_holds_nothing(base):
+    """Connections that only declare large bodies cannot lock everyone else out."""
+    with half_sent(base, sent=10), half_sent(base, sent=10):  # 2 x 90,000 declared, 20 bytes held
+        r = post(base, image_request(HELD))
+        assert r.status_code == 200, r.text
 
 
 def test_a_chunked_body_takes_budget_as_it_arrives(base):
@@ -102,14 +113,33 @@ def test_a_chunked_body_takes_budget_as_it_arrives(base):
             yield b" " * 10_000
 
     with half_sent(base) as finish:
-        r = httpx.post(base + "/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+        r = post(base, chunks())
         assert "content-length" not in {k.lower() for k in r.request.headers}
         assert r.status_code == 429 and r.json()["code"] == "too_many_bytes_in_flight"
         finish()
     wait_in_flight(base, 0)  # what the refused chunked body took was given back
-    small = image_request(20_000)
-    assert httpx.post(base + "/v1/classify", content=small, headers={"content-type": "application/json"}
-                      ).status_code == 200
+    assert post(base, image_request(20_000)).status_code == 200
+
+
+def test_a_stalled_body_gets_408_and_the_server_keeps_serving():
+    with serve_process(model="limoe-tiny", body_timeout_s=1) as (url, _):
+        started = time.monotonic()
+        with half_sent(url, declared=5000, sent=100) as _:
+            host, port = urlsplit(url).hostname, urlsplit(url).port
+            with socket.create_connection((host, port), timeout=10) as s:  # its twin, read directly
+                s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 5000\r\n\r\n{\"images\"")
+                answer = b""
+                while b"}" not in answer:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == "body_timeout"
+            assert time.monotonic() - started < 8
+            wait_in_flight(url, 0)  # both stalled bodies were given back
+            assert post(url, image_request(20_000)).status_code == 200
 
 
 def test_body_limit_above_the_budget_is_refused_at_start():
