@@ -95,8 +95,9 @@ class BodyLimitMiddleware:
                 message = await receive()
             else:
                 try:
-                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout_at(deadline):  # no extra task, unlike wait_for
+                        message = await receive()
+                except TimeoutError:
                     raise BodyTimeout(f"the request body did not arrive within {self.timeout_s:g}s") from None
             if message["type"] == "http.request":
                 chunk = len(message.get("body", b""))
