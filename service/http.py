@@ -201,3 +201,21 @@ def require_json(request: Request) -> None:
 async def read_json(request: Request) -> Any:
     require_json(request)
     return parse_json(await request.body())
+
+
+def json_error_protocol(base: type | None = None) -> type:
+    """uvicorn's HTTP protocol `base` (default: httptools when installed, else h11, as its "auto"
+    picks) answering a request it cannot parse (bad request line, control bytes in a header)
+    with our JSON error shape instead of plain text. Such requests never reach the app."""
+    if base is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
+
+    class JSONErrorHTTPProtocol(base):  # type: ignore[misc, valid-type]
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(BadRequest("malformed HTTP request: the request line or a header could not be "
+                                         "parsed", "invalid_http").body()).encode()
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+            self.transport.close()
+
+    return JSONErrorHTTPProtocol

@@ -40,10 +40,11 @@ def wait_ready(base_url: str, timeout: float = 60.0, path: str = "/readyz", proc
 
 
 @contextlib.contextmanager
-def uvicorn_thread(app, ready_path: str = "/readyz"):
-    """Serve `app` with real uvicorn on 127.0.0.1 from a background thread; yields the base URL."""
+def uvicorn_thread(app, ready_path: str = "/readyz", **config):
+    """Serve `app` with real uvicorn on 127.0.0.1 from a background thread; yields the base URL.
+    `config`: more uvicorn.Config arguments."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

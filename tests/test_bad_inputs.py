@@ -588,6 +588,27 @@ def test_oversized_content_length_refused_before_reading(server):
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize("raw", [
+    b"GARBAGE\r\n\r\n",
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: appli\x01cation/json\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+], ids=["request-line", "control-byte-in-header", "negative-length"])
+def test_unparseable_http_gets_the_json_error_shape(server, raw):
+    """Requests the HTTP parser rejects never reach the app; they still get our JSON 400."""
+    url = urlsplit(server.base)
+    with socket.create_connection((url.hostname, url.port), timeout=TIMEOUT) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data[:300]
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(payload) == {"error": "malformed HTTP request: the request line or a header could not be parsed",
+                                   "code": "invalid_http"}
+    assert_still_serving(server)
+
+
 def _chunks(total: int, size: int = 10_000):
     sent = 0
     while sent < total:

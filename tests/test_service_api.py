@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import math
 import threading
 import time
@@ -278,3 +279,28 @@ def test_warm_up_sizes_grow_linearly():
     assert sizes(32) == list(range(1, 33))
     assert sizes(100) == list(range(1, 33)) + [64, 100]
     assert len(sizes(1024)) == 32 + 5 + 0  # 64, 128, 256, 512, 1024
+
+
+@pytest.mark.parametrize("protocol", ["h11", "httptools"])
+def test_unparseable_http_is_a_json_400_with_either_parser(protocol):
+    """limoe serve runs uvicorn's auto-chosen parser; both answer in the JSON error shape."""
+    import importlib
+    import socket
+
+    module, name = {"h11": ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
+                    "httptools": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol")}[protocol]
+    base_cls = getattr(importlib.import_module(module), name)
+    from service.http import json_error_protocol
+
+    app = create_app(settings(), backend=FakeBackend())
+    with uvicorn_thread(app, http=json_error_protocol(base_cls)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x01Header: 1\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, payload = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, data[:300]
+        assert json.loads(payload)["code"] == "invalid_http"
+        assert httpx.get(base + "/healthz").status_code == 200
