@@ -37,11 +37,12 @@ def serve(argv_overrides: dict | None = None) -> int:
         return 1
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("limoe.service").info("settings: %s", describe_settings(settings))
-    from service.http import json_error_protocol
+    from service.http import http_protocol
 
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=10,
-                            timeout_keep_alive=settings.keep_alive_s, http=json_error_protocol())
+                            timeout_keep_alive=settings.keep_alive_s,
+                            http=http_protocol(header_timeout_s=settings.header_timeout_s))
     server = uvicorn.Server(config)
     server.run()
     # uvicorn exits quietly when the lifespan start-up fails (e.g. a damaged model); say so.

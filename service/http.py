@@ -28,6 +28,7 @@ class BodiesInFlight(Overloaded):
 
 class BodyTimeout(ServiceError):
     status, code = 408, "body_timeout"
+    headers = {"Connection": "close"}  # the rest of the body may never come: do not wait on it
 
 
 class BodyBudget:
@@ -203,19 +204,69 @@ async def read_json(request: Request) -> Any:
     return parse_json(await request.body())
 
 
-def json_error_protocol(base: type | None = None) -> type:
-    """uvicorn's HTTP protocol `base` (default: httptools when installed, else h11, as its "auto"
-    picks) answering a request it cannot parse (bad request line, control bytes in a header)
-    with our JSON error shape instead of plain text. Such requests never reach the app."""
+def http_protocol(base: type | None = None, header_timeout_s: float | None = None) -> type:
+    """uvicorn's HTTP protocol `base` (default: httptools when installed, else h11, as uvicorn's
+    "auto" picks) with two changes, both for requests that never reach the app:
+    - one it cannot parse (bad request line, control bytes in a header) is answered in our JSON
+      error shape (400 invalid_http) instead of plain text;
+    - a connection must deliver a request's headers within `header_timeout_s` of opening, or of
+      sending the request's first bytes: else it is closed (with a JSON 408 when part of a
+      request came). uvicorn itself waits for headers for ever, so idle or trickling
+      connections (slowloris) could pile up until the process runs out of file descriptors.
+      Idle keep-alive connections between requests stay under uvicorn's own keep-alive timeout."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
 
-    class JSONErrorHTTPProtocol(base):  # type: ignore[misc, valid-type]
-        def send_400_response(self, msg: str) -> None:
-            body = json.dumps(BadRequest("malformed HTTP request: the request line or a header could not be "
-                                         "parsed", "invalid_http").body()).encode()
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+    class LimoeHTTPProtocol(base):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+        _partial = False  # bytes of a request whose headers are not complete have arrived
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._awaiting_headers():
+                self._partial = True
+                self._arm()
+            else:
+                self._partial = False
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _awaiting_headers(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if header_timeout_s is not None and self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if not self._awaiting_headers() or self.transport.is_closing():
+                return
+            if self._partial:
+                self._send_json(408, "Request Timeout", BodyTimeout(
+                    f"the request headers did not arrive within {header_timeout_s:g}s", "header_timeout"))
             self.transport.close()
 
-    return JSONErrorHTTPProtocol
+        def send_400_response(self, msg: str) -> None:
+            self._send_json(400, "Bad Request", BadRequest(
+                "malformed HTTP request: the request line or a header could not be parsed", "invalid_http"))
+            self.transport.close()
+
+        def _send_json(self, status: int, reason: str, error: ServiceError) -> None:
+            body = json.dumps(error.body()).encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
+
+    return LimoeHTTPProtocol

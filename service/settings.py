@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_inflight_bytes: int = Field(128 * 1024 * 1024, ge=1024,
                                     description="request-body bytes all requests in flight may hold; 429 beyond")
+    header_timeout_s: float = Field(20.0, gt=0, description="seconds a connection may take to send a request's "
+                                                           "headers; closed beyond (408 if it had begun)")
     body_timeout_s: float = Field(60.0, gt=0, description="seconds a client may take to send a request body; "
                                                          "408 beyond")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64)

@@ -1,6 +1,8 @@
-"""The request-body budget (LIMOE_MAX_INFLIGHT_BYTES): bodies held by requests in flight are
-bounded together; one that would pass the bound gets 429 + Retry-After, JSON, and the server
-keeps serving. Real `limoe serve`; a raw socket holds a request half-sent to occupy the budget."""
+"""Clients that hold the server's resources: the request-body budget (LIMOE_MAX_INFLIGHT_BYTES:
+bodies held by requests in flight are bounded together; one that would pass the bound gets 429 +
+Retry-After, JSON) and the header and body deadlines (LIMOE_HEADER_TIMEOUT_S, LIMOE_BODY_TIMEOUT_S:
+idle, trickling and stalled senders are cut off). The server keeps serving throughout. Real
+`limoe serve`; raw sockets play the slow clients."""
 
 from __future__ import annotations
 
@@ -121,25 +123,74 @@ def test_a_chunked_body_takes_budget_as_it_arrives(base):
     assert post(base, image_request(20_000)).status_code == 200
 
 
-def test_a_stalled_body_gets_408_and_the_server_keeps_serving():
-    with serve_process(model="limoe-tiny", body_timeout_s=1) as (url, _):
-        started = time.monotonic()
-        with half_sent(url, declared=5000, sent=100) as _:
-            host, port = urlsplit(url).hostname, urlsplit(url).port
-            with socket.create_connection((host, port), timeout=10) as s:  # its twin, read directly
-                s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 5000\r\n\r\n{\"images\"")
-                answer = b""
-                while b"}" not in answer:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
-            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
-            assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == "body_timeout"
-            assert time.monotonic() - started < 8
-            wait_in_flight(url, 0)  # both stalled bodies were given back
-            assert post(url, image_request(20_000)).status_code == 200
+@pytest.fixture(scope="module")
+def impatient():
+    """A server that gives clients 1 s for headers and 1 s for a body."""
+    with serve_process(model="limoe-tiny", header_timeout_s=1, body_timeout_s=1) as (url, _):
+        yield url
+
+
+def connect(base: str) -> socket.socket:
+    url = urlsplit(base)
+    return socket.create_connection((url.hostname, url.port), timeout=10)
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def read_response(s: socket.socket) -> bytes:
+    """One whole response on a kept-alive connection: headers, then Content-Length bytes."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def json_error(answer: bytes, status: int) -> str:
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    return json.loads(payload)["code"]
+
+
+def test_a_stalled_body_gets_408_and_the_server_keeps_serving(impatient):
+    started = time.monotonic()
+    with half_sent(impatient, declared=5000, sent=100), connect(impatient) as s:  # two stalled uploads
+        s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000\r\n\r\n{\"images\"")
+        assert json_error(read_until_closed(s), 408) == "body_timeout"
+        assert time.monotonic() - started < 8
+        wait_in_flight(impatient, 0)  # both stalled bodies were given back
+        assert post(impatient, image_request(20_000)).status_code == 200
+
+
+def test_trickled_headers_get_408_and_an_idle_connection_is_closed(impatient):
+    started = time.monotonic()
+    with connect(impatient) as idle, connect(impatient) as trickling:
+        trickling.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert json_error(read_until_closed(trickling), 408) == "header_timeout"
+        assert read_until_closed(idle) == b""  # connected, never sent a byte: closed without an answer
+    assert time.monotonic() - started < 8
+    assert post(impatient, image_request(20_000)).status_code == 200
+
+
+def test_keep_alive_connections_may_idle_between_requests(impatient):
+    """The header deadline starts with a request's first bytes, so an idle keep-alive connection
+    is left to uvicorn's keep-alive timeout (65 s here), not cut after 1 s."""
+    with connect(impatient) as s:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        s.sendall(request)
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        time.sleep(2.5)
+        s.sendall(request)
+        assert read_response(s).startswith(b"HTTP/1.1 200")
 
 
 def test_body_limit_above_the_budget_is_refused_at_start():

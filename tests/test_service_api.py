@@ -282,25 +282,32 @@ def test_warm_up_sizes_grow_linearly():
 
 
 @pytest.mark.parametrize("protocol", ["h11", "httptools"])
-def test_unparseable_http_is_a_json_400_with_either_parser(protocol):
-    """limoe serve runs uvicorn's auto-chosen parser; both answer in the JSON error shape."""
+def test_what_never_reaches_the_app_gets_json_with_either_parser(protocol):
+    """limoe serve runs uvicorn's auto-chosen parser with service.http.http_protocol: both parsers
+    answer unparseable requests and trickled headers in the JSON error shape."""
     import importlib
     import socket
 
     module, name = {"h11": ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
                     "httptools": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol")}[protocol]
     base_cls = getattr(importlib.import_module(module), name)
-    from service.http import json_error_protocol
+    from service.http import http_protocol
 
-    app = create_app(settings(), backend=FakeBackend())
-    with uvicorn_thread(app, http=json_error_protocol(base_cls)) as base:
-        host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x01Header: 1\r\n\r\n")
+    def exchange(address, raw: bytes) -> tuple[bytes, dict]:
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(raw)
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
         head, _, payload = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, data[:300]
-        assert json.loads(payload)["code"] == "invalid_http"
+        assert b"application/json" in head, data[:300]
+        return head.split(b"\r\n")[0], json.loads(payload)
+
+    app = create_app(settings(), backend=FakeBackend())
+    with uvicorn_thread(app, http=http_protocol(base_cls, header_timeout_s=0.5)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        status, body = exchange((host, int(port)), b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x01Header: 1\r\n\r\n")
+        assert status == b"HTTP/1.1 400 Bad Request" and body["code"] == "invalid_http"
+        status, body = exchange((host, int(port)), b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout" and body["code"] == "header_timeout"
         assert httpx.get(base + "/healthz").status_code == 200
