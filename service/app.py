@@ -1,7 +1,8 @@
 """The FastAPI application: `create_app(settings)` builds it; uvicorn runs it.
 
     uvicorn --factory service.app:create_app      (settings from LIMOE_* variables)
-    limoe serve                                    (the same, plus a friendly start-up check)
+    limoe serve                                    (the same, plus a friendly start-up check, a header
+                                                    deadline and JSON 400s for unparseable HTTP)
 
 Start-up loads and verifies the model (a damaged or missing artifact stops the server with a
 message naming the file), starts one batcher per encoder, then warms every batch size up in the
