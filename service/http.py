@@ -26,9 +26,11 @@ class BodiesInFlight(Overloaded):
     code = "too_many_bytes_in_flight"
 
 
-class BodyTimeout(ServiceError):
+class SlowClient(ServiceError):
+    """The client did not send its request's headers or body in time."""
+
     status, code = 408, "body_timeout"
-    headers = {"Connection": "close"}  # the rest of the body may never come: do not wait on it
+    headers = {"Connection": "close"}  # the rest may never come: do not wait on it
 
 
 class BodyBudget:
@@ -99,7 +101,7 @@ class BodyLimitMiddleware:
                     async with asyncio.timeout_at(deadline):  # no extra task, unlike wait_for
                         message = await receive()
                 except TimeoutError:
-                    raise BodyTimeout(f"the request body did not arrive within {self.timeout_s:g}s") from None
+                    raise SlowClient(f"the request body did not arrive within {self.timeout_s:g}s") from None
             if message["type"] == "http.request":
                 chunk = len(message.get("body", b""))
                 complete = not message.get("more_body", False)
@@ -255,7 +257,7 @@ def http_protocol(base: type | None = None, header_timeout_s: float | None = Non
             if not self._awaiting_headers() or self.transport.is_closing():
                 return
             if self._partial:
-                self._send_json(408, "Request Timeout", BodyTimeout(
+                self._send_json(408, "Request Timeout", SlowClient(
                     f"the request headers did not arrive within {header_timeout_s:g}s", "header_timeout"))
             self.transport.close()
 

@@ -79,3 +79,12 @@ def serve_process(**env: str):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.unlink(missing_ok=True)
+
+
+def serve_fails(env: dict) -> tuple[int, str]:
+    """Run `limoe serve` with these environment overrides, expecting it to refuse to start:
+    (exit code, stderr)."""
+    full = {**os.environ, "LIMOE_PORT": str(free_port()), **env}
+    out = subprocess.run([sys.executable, "-m", "limoe", "serve"], cwd=ROOT, env=full, capture_output=True,
+                         text=True, timeout=60)
+    return out.returncode, out.stderr

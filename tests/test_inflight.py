@@ -20,8 +20,7 @@ import pytest
 from PIL import Image
 
 from service.http import BodyBudget
-from servers import serve_process
-from test_service_e2e import _serve_fails
+from servers import serve_fails, serve_process
 
 BODY_LIMIT, BUDGET = 100_000, 150_000
 HELD = 90_000  # what the half-sent request declares
@@ -194,6 +193,6 @@ def test_keep_alive_connections_may_idle_between_requests(impatient):
 
 
 def test_body_limit_above_the_budget_is_refused_at_start():
-    code, err = _serve_fails({"LIMOE_MAX_BODY_BYTES": "2000000", "LIMOE_MAX_IMAGE_BYTES": "1000000",
+    code, err = serve_fails({"LIMOE_MAX_BODY_BYTES": "2000000", "LIMOE_MAX_IMAGE_BYTES": "1000000",
                               "LIMOE_MAX_INFLIGHT_BYTES": "1000000"})
     assert code == 2 and "\n  LIMOE_MAX_BODY_BYTES cannot exceed LIMOE_MAX_INFLIGHT_BYTES" in err

@@ -19,7 +19,7 @@ from limoe.model_store import ModelStore
 from limoe.onnx_encoder import OnnxEncoders
 from limoe.preprocess import open_image, preprocess_image
 from limoe.zeroshot import build_zero_shot_classifier, softmax
-from servers import ROOT, free_port, serve_process
+from servers import ROOT, free_port, serve_fails, serve_process
 
 LABELS = ["red circle", "blue square", "green triangle"]
 
@@ -177,15 +177,6 @@ def test_serve_path_needs_no_torch(tmp_path):
             os.environ["PYTHONPATH"] = old
 
 
-def _serve_fails(env: dict) -> tuple[int, str]:
-    import os
-
-    full = {**os.environ, "LIMOE_PORT": str(free_port()), **env}
-    out = subprocess.run([sys.executable, "-m", "limoe", "serve"], cwd=ROOT, env=full, capture_output=True,
-                         text=True, timeout=60)
-    return out.returncode, out.stderr
-
-
 def test_damaged_model_is_refused_at_start(tmp_path):
     store = tmp_path / "store"
     shutil.copytree(ROOT / "model_store" / "limoe-tiny", store / "limoe-tiny")
@@ -193,30 +184,30 @@ def test_damaged_model_is_refused_at_start(tmp_path):
     data = bytearray(onnx.read_bytes())
     data[100] ^= 0xFF
     onnx.write_bytes(bytes(data))
-    code, err = _serve_fails({"LIMOE_MODEL_STORE": str(store), "LIMOE_MODEL": "limoe-tiny"})
+    code, err = serve_fails({"LIMOE_MODEL_STORE": str(store), "LIMOE_MODEL": "limoe-tiny"})
     assert code != 0
     assert "image_encoder.onnx: wrong sha256" in err
 
 
 def test_invalid_settings_fail_with_the_variable_named():
-    code, err = _serve_fails({"LIMOE_MAX_BATCH_SIZE": "0"})
+    code, err = serve_fails({"LIMOE_MAX_BATCH_SIZE": "0"})
     assert code == 2 and "LIMOE_MAX_BATCH_SIZE" in err
-    code, err = _serve_fails({"LIMOE_DEVICE": "tpu"})
+    code, err = serve_fails({"LIMOE_DEVICE": "tpu"})
     assert code == 2 and "LIMOE_DEVICE" in err
-    code, err = _serve_fails({"LIMOE_MODEL": "no-such-model"})
+    code, err = serve_fails({"LIMOE_MODEL": "no-such-model"})
     assert code != 0 and "no model named 'no-such-model'" in err
     # the shipped default holds int8 ONNX graphs only: other backends are refused in one line
-    code, err = _serve_fails({"LIMOE_BACKEND": "torchscript"})
+    code, err = serve_fails({"LIMOE_BACKEND": "torchscript"})
     assert code == 1 and "the torchscript backend needs torchscript, which this entry does not have" in err
-    code, err = _serve_fails({"LIMOE_QUANTIZED": "false"})
+    code, err = serve_fails({"LIMOE_QUANTIZED": "false"})
     assert code == 1 and "needs image_onnx, text_onnx" in err and "Traceback" not in err
     # a device the backend cannot reach is refused before loading, also in one line
-    code, err = _serve_fails({"LIMOE_DEVICE": "cuda:64", "LIMOE_BACKEND": "torchscript", "LIMOE_MODEL": "limoe-tiny"})
+    code, err = serve_fails({"LIMOE_DEVICE": "cuda:64", "LIMOE_BACKEND": "torchscript", "LIMOE_MODEL": "limoe-tiny"})
     assert code == 1 and "error: LIMOE_DEVICE=cuda:64, but torch sees" in err and "Traceback" not in err
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        code, err = _serve_fails({"LIMOE_DEVICE": "cuda"})
+        code, err = serve_fails({"LIMOE_DEVICE": "cuda"})
         assert code == 1 and "error: LIMOE_DEVICE=cuda, but this onnxruntime has no CUDA provider" in err
         assert "Traceback" not in err
 
