@@ -59,6 +59,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         manifest = export_entry(args.checkpoint, args.store, args.name, args.version, args.quantize,
                                 tokenizer=tokenizer, force=args.force,
                                 formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+                                int8_scheme=args.int8_scheme, calibration_data=args.calibration_data,
+                                calibration_cache=args.cache, calibration_count=args.calibration_count,
+                                inference_routing=args.inference_routing, moe_op=args.moe_op,
                                 **({"opset": args.opset} if args.opset else {}))
     except (ModelStoreError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -67,9 +70,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"in {manifest.data['export_seconds']:.1f}s")
     for file, record in manifest.data["files"].items():
         print(f"  {file:28s} {record['size'] / 1e6:8.2f} MB  sha256 {record['sha256'][:16]}")
-    for modality, agreement in manifest.data["quantization"].get("int8", {}).items():
-        print(f"  int8 {modality}: cosine mean {agreement['embedding_cosine_mean']:.5f}, "
-              f"min {agreement['embedding_cosine_min']:.5f}, same experts {agreement['expert_choice_agreement']:.2%}")
+    int8 = manifest.data["quantization"].get("int8", {})
+    if int8:
+        print(f"  int8: {int8['description']}; calibrated on {int8['calibration']['count']} "
+              f"{int8['calibration']['source']} inputs")
+    for modality in ("image", "text"):
+        if modality in int8:
+            a = int8[modality]
+            print(f"  int8 {modality}: cosine mean {a['embedding_cosine_mean']:.5f}, min {a['embedding_cosine_min']:.5f}, "
+                  f"same experts {a['expert_choice_agreement']:.2%}, batch of 5 vs alone {a['batch_independence_max_diff']:.1e}")
     return 0
 
 
@@ -123,13 +132,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from limoe.evaluate import (PLOT_FILES, Encoders, evaluate, format_results, plot_expert_usage,
-                                plot_routing_maps, record_evaluation, write_results)
+                                plot_routing_maps, record_evaluation, with_capacity, write_results)
     from limoe.evaluate_sets import default_eval_sets
 
     target = Path(args.target)
     enc = Encoders.from_store_entry(target) if target.is_dir() else Encoders.from_checkpoint(target)
     sets = default_eval_sets(enc, cache=args.cache, limit=args.limit)
     results = evaluate(enc, sets)
+    if target.is_dir():  # an entry runs its own graphs; the checkpoint's capacity column carries over
+        from limoe.model_store import read_manifest
+
+        previous = read_manifest(target).data.get("evaluation") or {}
+        if "capacity" in previous:
+            results["capacity"] = previous["capacity"]
+    elif enc.moe_layers and args.capacity_factor > 0:  # the same weights at capacity routing, side by side
+        capacity = Encoders.from_checkpoint(target, inference_routing="capacity",
+                                            eval_capacity_factor=args.capacity_factor)
+        results = with_capacity(results, evaluate(capacity, sets), args.capacity_factor)
     print(format_results(results))
     out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval.json"
     write_results(results, out)
@@ -178,7 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", required=True, help="model name (letters, digits, . _ -)")
     export.add_argument("--version", help="version (default: one more than the highest numeric version)")
     export.add_argument("--store", default="model_store", help="model store root (default: model_store)")
-    export.add_argument("--quantize", choices=["int8"], help="also write int8 dynamically quantised ONNX graphs")
+    export.add_argument("--quantize", choices=["int8"], help="also write int8 ONNX graphs (same as adding int8 to --formats)")
+    export.add_argument("--int8-scheme", choices=["static", "weight_only"], default="static",
+                        help="int8 graphs: static QDQ with calibrated activation scales (default) or weight-only "
+                             "MatMulNBits; both give an item the same answer whatever its batch")
+    export.add_argument("--calibration-data", metavar="MIX",
+                        help="training mix whose train split calibrates static int8 (e.g. emoji:2,icons:1); "
+                             "default: synthetic inputs, fit only for an untrained model")
+    export.add_argument("--calibration-count", type=int, default=256, help="calibration items (default 256)")
+    export.add_argument("--cache", help="data cache for --calibration-data (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
+    export.add_argument("--inference-routing", choices=["dropless", "capacity"],
+                        help="override the checkpoint's inference routing (new checkpoints: dropless)")
+    export.add_argument("--moe-op", choices=["standard", "fused"], default="standard",
+                        help="dropless MoE layers as standard ONNX ops (default) or ONNX Runtime's fused "
+                             "com.microsoft.MoE contrib op (tanh-approximate GELU; slower on CPU, for GPUs)")
     export.add_argument("--formats", default="onnx,torchscript",
                         help="comma-separated subset of onnx, torchscript, int8 (default onnx,torchscript); "
                              "'int8' alone makes the smallest entry")
@@ -212,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="results JSON (default: eval.json next to the target)")
     ev.add_argument("--plots", help="directory for routing plots (expert usage, per-patch routing maps); "
                                     "default for a store entry: the entry, listed in its manifest and card")
+    ev.add_argument("--capacity-factor", type=float, default=1.0,
+                    help="a checkpoint is also evaluated with capacity routing at this inference capacity factor, "
+                         "side by side with its dropless inference (0: skip)")
     ev.add_argument("--no-record", action="store_true",
                     help="do not store the results in the checkpoint / the entry's manifest")
     ev.set_defaults(func=_cmd_eval)

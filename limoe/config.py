@@ -39,7 +39,10 @@ class LIMoEConfig:
     top_k: int = 1  # K; experts chosen per token
     moe_layers: str = "every_2"  # "every_N" (blocks N-1, 2N-1, ...), "last_N", "none" or "1,3,5"
     train_capacity_factor: float = 1.0  # C = ceil(K * S * factor / E) while training
-    eval_capacity_factor: float = 1.0  # the same at inference; E / K guarantees no drops
+    eval_capacity_factor: float = 1.0  # the same at inference with "capacity" routing
+    # Inference: "dropless" computes every token's K choices (nothing dropped); "capacity" keeps
+    # training's fixed capacity, one routing group per example, eval_capacity_factor (comparison).
+    inference_routing: str = "dropless"
     batch_priority: bool = True  # Batch Priority Routing: confident tokens claim slots first
     # Gate renormalisation. False (default, V-MoE): a token's output is sum_k p_k * expert_k(x),
     # so with K=1 the layer is the chosen expert scaled by its router probability and the main
@@ -82,6 +85,8 @@ class LIMoEConfig:
             problems.append(f"top_k {self.top_k} must be in [1, num_experts={self.num_experts}]")
         if min(self.train_capacity_factor, self.eval_capacity_factor) <= 0:
             problems.append("capacity factors must be positive")
+        if self.inference_routing not in ("dropless", "capacity"):
+            problems.append(f"inference_routing must be 'dropless' or 'capacity', not {self.inference_routing!r}")
         if self.aux_loss not in ("entropy", "classic", "none"):
             problems.append(f"aux_loss must be 'entropy', 'classic' or 'none', not {self.aux_loss!r}")
         if self.aux_loss == "classic" and self.moe_layer_ids and self.router_noise_std <= 0:

@@ -41,13 +41,17 @@ class Encoders:
     preprocess: PreprocessConfig
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "Encoders":
+    def from_checkpoint(cls, path: str | Path, **config_changes) -> "Encoders":
+        """`config_changes` override inference-time fields, e.g. inference_routing="capacity",
+        eval_capacity_factor=1.0 (the weights are the checkpoint's)."""
         import torch
 
         from limoe.checkpoint import load_checkpoint, read_tokenizer
-        from limoe.export import ImageEncoder, TextEncoder
+        from limoe.export import ImageEncoder, TextEncoder, _with_config
 
         model, _ = load_checkpoint(path)
+        if config_changes:
+            model = _with_config(model, **config_changes)
         tokenizer = read_tokenizer(path)
         if tokenizer is None:
             raise ValueError(f"{path} holds no tokenizer")
@@ -154,6 +158,19 @@ class EvalSet:
     pixels: np.ndarray  # (N, 3, R, R)
     labels: list[str]  # (N,) class names, used as the zero-shot class prompts
     captions: list[str] | None = None  # (N,) for retrieval; None skips it
+    groups: list[str] | None = None  # (N,) e.g. the emoji category: also top-1 among the group's classes
+
+
+def group_top1(scores: np.ndarray, targets: np.ndarray, classes: Sequence[str], labels: Sequence[str],
+               groups: Sequence[str]) -> tuple[float, float]:
+    """Top-1 among only the classes of each image's group (e.g. all labels of an emoji's
+    category), and the mean number of classes an image competes with. A class belongs to the
+    group of the images labelled with it."""
+    class_group = {label: group for label, group in zip(labels, groups)}
+    cg = np.array([class_group[c] for c in classes])  # (C,)
+    same = cg[None, :] == np.asarray(groups)[:, None]  # (N, C)
+    masked = np.where(same, scores, -np.inf)
+    return float((masked.argmax(1) == targets).mean()), float(same.sum(1).mean())
 
 
 def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = DEFAULT_TEMPLATES,
@@ -170,6 +187,9 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
         scores = img_emb @ w  # (N, C)
         results["zero_shot"][s.name] = {**topk_accuracy(scores, targets), "top1_of_10": n_way_accuracy(scores, targets),
                                         "classes": len(classes), "images": len(s.labels)}
+        if s.groups:
+            top1, per_group = group_top1(scores, targets, classes, s.labels, s.groups)
+            results["zero_shot"][s.name].update(top1_in_group=top1, classes_per_group=round(per_group, 1))
         if s.captions:
             n = min(max_retrieval, len(s.captions))
             txt_emb, txt_idx, txt_drop = _batched(enc.encode_tokens, enc.tokenizer.encode(s.captions[:n]))
@@ -183,11 +203,33 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
     return results
 
 
+def with_capacity(results: dict, capacity: dict, factor: float) -> dict:
+    """`results` (dropless) plus, under "capacity", the zero-shot results and drop rates of the
+    same weights at capacity routing with inference capacity factor `factor`, for side by side."""
+    drops = {}
+    for r in capacity.get("routing", {}).get("layers", []):
+        for m, v in r["dropped_rate"].items():
+            drops.setdefault(m, []).append(v)
+    return {**results, "capacity": {"eval_capacity_factor": factor, "zero_shot": capacity["zero_shot"],
+                                    "dropped_rate": {m: round(float(np.mean(v)), 4) for m, v in drops.items()}}}
+
+
 def format_results(results: dict) -> str:
-    lines = [f"{'zero-shot':50s} {'top-1':>7s} {'top-5':>7s} {'10-way':>7s} {'classes':>8s} {'images':>7s}"]
+    cap = results.get("capacity")
+    extra = f" {'cap top-1':>9s} {'cap 10-way':>10s}" if cap else ""
+    lines = [f"{'zero-shot':50s} {'top-1':>7s} {'top-5':>7s} {'10-way':>7s} {'classes':>8s} {'images':>7s}{extra}"]
     for name, r in results["zero_shot"].items():
         ten = f"{r['top1_of_10']:7.2%}" if "top1_of_10" in r else f"{'-':>7s}"
-        lines.append(f"{name:50s} {r['top1']:7.2%} {r['top5']:7.2%} {ten} {r['classes']:8d} {r['images']:7d}")
+        c = (cap or {}).get("zero_shot", {}).get(name)
+        side = f" {c['top1']:9.2%} {c.get('top1_of_10', float('nan')):10.2%}" if c else ""
+        lines.append(f"{name:50s} {r['top1']:7.2%} {r['top5']:7.2%} {ten} {r['classes']:8d} {r['images']:7d}{side}")
+        if "top1_in_group" in r:
+            lines.append(f"{'':4s}top-1 among the labels of the image's category "
+                         f"({r['classes_per_group']:.0f} on average): {r['top1_in_group']:.2%}")
+    if cap:
+        dropped = ", ".join(f"{m} {v:.1%}" for m, v in cap.get("dropped_rate", {}).items())
+        lines.append(f"(top-1 / 10-way on the left: this model's inference routing; 'cap': capacity routing at "
+                     f"factor {cap['eval_capacity_factor']}, which drops {dropped or 'nothing'} of token choices)")
     if results["retrieval"]:
         lines.append(f"\n{'retrieval':50s} {'i->t@1':>7s} {'i->t@5':>7s} {'t->i@1':>7s} {'t->i@5':>7s}")
         for name, r in results["retrieval"].items():

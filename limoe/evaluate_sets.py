@@ -10,6 +10,9 @@ from limoe.evaluate import EvalSet
 
 # name -> (source, split, filter on item fields)
 STANDARD_SETS = {
+    "emoji_art/unseen-style (twemoji SVG, seen concepts)": ("emoji_art", "test",
+                                                            {"style": "twemoji", "concept_split": "train"}),
+    "iconsets/test (unseen icon names)": ("iconsets", "test", {}),
     "emoji/unseen-style (twitter art, seen concepts)": ("emoji", "test", {"style": "twitter", "concept_split": "train"}),
     "emoji/unseen-concepts (google art)": ("emoji", "test", {"style": "google"}),
     "icons/test": ("icons", "test", {}),
@@ -34,7 +37,9 @@ def default_eval_sets(enc, cache: str | Path | None = None, limit: int = 2000, s
         idx.sort()
         items = [ds.items[i] for i in idx]
         pixels = np.stack([ds[int(i)]["pixels"] for i in idx])
-        sets.append(EvalSet(name, pixels, [it["label"] for it in items], [it["captions"][0] for it in items]))
+        groups = [it["category"] for it in items] if all(it.get("category") for it in items) else None
+        sets.append(EvalSet(name, pixels, [it["label"] for it in items], [it["captions"][0] for it in items],
+                            groups=groups if source.startswith("emoji") else None))
     if not sets:
         raise ValueError(f"no prepared evaluation data in {cache or 'the default cache'}; run `limoe data prepare`")
     return sets

@@ -1,13 +1,18 @@
 """Checkpoint -> model-store entry: ONNX image and text encoders, one TorchScript file with both,
 the tokenizer, and a manifest with checksums (`limoe export`).
 
-The exported encoders run in inference mode: every example is its own routing group at the
-inference capacity factor, so the batch axis is dynamic and results are batch-independent.
+The exported encoders run in inference mode, as the config's `inference_routing` says:
+"dropless" (the default) computes every token's K choices, each expert on exactly the tokens
+that chose it (per expert NonZero, Gather, the MLP, the gate, one ScatterND back: standard ONNX
+ops, unrolled over the E experts); "capacity" routes every example as its own group at the
+inference capacity factor. Either way the batch axis is dynamic and results are
+batch-independent, and so are the int8 graphs (fixed activation scales, see limoe.quantize).
 Each encoder returns, besides the embeddings, what its MoE layers did to every token:
 
     embeddings    (B, P)        float32, L2-normalised
     expert_index  (B, M, T, K)  int64, chosen experts per MoE layer and token (-1 for padding)
-    dropped       (B, M, T, K)  bool, the choice found its expert full (token skipped it)
+    dropped       (B, M, T, K)  bool, the choice found its expert full (token skipped it);
+                                always False for a dropless entry
 
 with M MoE layers, T tokens (patches or text positions), K experts per token.
 """
@@ -35,8 +40,10 @@ from limoe.checkpoint import load_checkpoint, read_tokenizer
 from limoe.model import LIMoE
 from limoe.model_card import render_model_card
 from limoe.model_store import FORMAT, MANIFEST, Manifest, ModelStore, check_identifier, file_record, verify
-from limoe.moe import RoutingInfo
+from limoe.moe import MoELayer, RoutingInfo, fused_moe_onnx
 from limoe.preprocess import PreprocessConfig
+from limoe.quantize import DEFAULT_SCHEME, DESCRIPTIONS, EXPORT_SCHEMES, batches
+from limoe.quantize import quantize as quantize_graph
 from limoe.stats import model_stats
 from limoe.templates import DEFAULT_TEMPLATES
 from limoe.tokenizer import Tokenizer
@@ -119,7 +126,49 @@ def export_onnx(encoder: nn.Module, example: Tensor, input_name: str, path: Path
             encoder.eval(), (example,), str(path), input_names=[input_name], output_names=list(OUTPUTS),
             dynamic_shapes={input_name: {0: torch.export.Dim("batch")}}, opset_version=opset,
             dynamo=True, external_data=False, verbose=False,
+            custom_translation_table={torch.ops.limoe.fused_moe.default: fused_moe_onnx},
         )
+    import onnx
+
+    graph = onnx.load(str(path))
+    if fold_constant_gathers(graph):
+        onnx.save_model(graph, str(path))
+
+
+def fold_constant_gathers(model) -> int:
+    """Replace every Gather of an initializer at a constant index by the gathered initializer.
+
+    The exporter writes expert e's weights as Gather(w1 (E, D, H), e): a runtime copy, and a
+    MatMul whose weight is no initializer, which no int8 quantiser touches. Folded, each expert
+    has its own (D, H) weights. Returns how many Gathers were folded (the model is edited)."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    constants = {n.output[0]: next((a.t for a in n.attribute if a.name == "value"), None)
+                 for n in g.node if n.op_type == "Constant"}
+
+    def constant(name: str) -> np.ndarray | None:
+        t = inits.get(name) or constants.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    kept, folded = [], 0
+    for node in g.node:
+        index = constant(node.input[1]) if node.op_type == "Gather" and node.input[0] in inits else None
+        if index is None:
+            kept.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        value = np.take(numpy_helper.to_array(inits[node.input[0]]), index, axis=axis)
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), node.output[0]))
+        folded += 1
+    if folded:
+        del g.node[:]
+        g.node.extend(kept)
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        for t in [t for t in g.initializer if t.name not in used]:
+            g.initializer.remove(t)
+    return folded
 
 
 def export_torchscript(model: LIMoE, images: Tensor, tokens: Tensor, path: Path) -> None:
@@ -134,17 +183,43 @@ def export_torchscript(model: LIMoE, images: Tensor, tokens: Tensor, path: Path)
     traced.save(str(path))
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of every MatMul/Gemm weight (ONNX Runtime's quantize_dynamic)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def calibration_inputs(cfg, tokenizer: Tokenizer, data: str | None = None, cache: str | Path | None = None,
+                       count: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Images (N, 3, R, R) and token ids (N, L) to calibrate int8 activation scales, with a record
+    of where they came from. `data` is a training mix ("emoji:2,icons:1"; its train split, N
+    items drawn by seed, one caption each); None gives synthetic inputs (random pixels and token
+    ids), good enough for an untrained model only."""
+    if data is None:
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randn(count, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+        tokens = torch.randint(3, cfg.vocab_size, (count, cfg.context_length), generator=g)
+        for i in range(count):
+            tokens[i, 2 + i % (cfg.context_length - 2):] = cfg.pad_id
+        return images.numpy(), tokens.numpy(), {"source": "synthetic", "count": count, "seed": seed}
+    from limoe.data.dataset import MixDataset
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its shape inference warns about every int64/bool tensor it skips
-    try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
+    ds = MixDataset(data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=cache, seed=seed)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(ds), size=min(count, len(ds)), replace=False, p=ds.sample_weights / ds.sample_weights.sum())
+    items = [ds[int(i)] for i in picks]
+    images = np.stack([it["pixels"] for it in items]).astype(np.float32)
+    tokens = tokenizer.encode([it["caption"] for it in items])
+    return images, tokens, {"source": data, "split": "train", "count": len(items), "seed": seed}
+
+
+def batch_independence(path: Path, feed: dict[str, np.ndarray], batch: int = 5) -> float:
+    """Largest |difference| of any output between a batch of `batch` items and each item alone."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name, x), = feed.items()
+    together = session.run(None, {name: x[:batch]})
+    worst = 0.0
+    for i in range(min(batch, len(x))):
+        alone = session.run(None, {name: x[i:i + 1]})
+        worst = max(worst, *(float(np.abs(a[0].astype(np.float64) - t[i].astype(np.float64)).max())
+                             for a, t in zip(alone, together)))
+    return worst
 
 
 def share_weights(graphs: Sequence[Path], data_file: Path, min_bytes: int = 1024, align: int = 4096) -> None:
@@ -195,6 +270,7 @@ def onnx_agreement(fp32: Path, int8: Path, feed: dict[str, np.ndarray]) -> dict[
         "embedding_cosine_min": round(float(cos.min()), 6),
         "expert_choice_agreement": round(float((x32 == x8)[real].mean()), 6) if real.any() else 1.0,
         "examples": int(e32.shape[0]),
+        "batch_independence_max_diff": batch_independence(int8, feed),
     }
 
 
@@ -204,6 +280,19 @@ def _libraries() -> dict[str, str]:
 
     return {"limoe": limoe.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
+
+
+def _set_moe_op(model: LIMoE, op: str) -> None:
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.moe_op = op
+
+
+def _with_config(model: LIMoE, **changes: Any) -> LIMoE:
+    """The same weights under a changed config (e.g. another inference routing)."""
+    other = LIMoE(model.cfg.replace(**changes))
+    other.load_state_dict(model.state_dict())
+    return other.eval()
 
 
 def export_entry(
@@ -217,12 +306,24 @@ def export_entry(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    int8_scheme: str = DEFAULT_SCHEME,
+    calibration_data: str | None = None,
+    calibration_cache: str | Path | None = None,
+    calibration_count: int = 256,
+    inference_routing: str | None = None,
+    moe_op: str = "standard",
 ) -> Manifest:
     """Write `<store>/<name>/<version>/` from a checkpoint and return its verified manifest.
 
     `formats` picks what the entry holds (see FORMATS); `quantize="int8"` adds "int8". An entry
     of int8 graphs alone is about a quarter of the fp32 one (the shipped default is one): the
     fp32 graphs are still exported, to quantise from and to check against, then left out.
+    int8 graphs use `int8_scheme` (limoe.quantize; "static" is calibrated on `calibration_count`
+    items of the training mix `calibration_data` in `calibration_cache`, or on synthetic inputs
+    when it is None). `inference_routing` ("dropless" or "capacity") overrides the checkpoint's.
+    `moe_op="fused"` writes the ONNX graphs' dropless MoE layers as ONNX Runtime's
+    `com.microsoft.MoE` op (tanh-approximate GELU) instead of standard ops; TorchScript keeps
+    the standard dropless layers.
 
     The entry is built in a hidden temporary directory and renamed into place, so a failed or
     interrupted export never leaves a half-written version behind."""
@@ -231,6 +332,9 @@ def export_entry(
     version = check_identifier(version or store_.next_version(name), "version")
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize supports only 'int8', not {quantize!r}")
+    if int8_scheme not in EXPORT_SCHEMES:
+        raise ValueError(f"int8 scheme must be one of {', '.join(EXPORT_SCHEMES)} (batch-independent), "
+                         f"not {int8_scheme!r}")
     formats = set(formats) | ({"int8"} if quantize else set())
     if not formats or formats - set(FORMATS):
         raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}, not {sorted(formats)}")
@@ -240,6 +344,12 @@ def export_entry(
 
     started = time.perf_counter()
     model, extra = load_checkpoint(checkpoint)
+    if inference_routing is not None and inference_routing != model.cfg.inference_routing:
+        model = _with_config(model, inference_routing=inference_routing)
+    if moe_op not in ("standard", "fused"):
+        raise ValueError(f"moe_op must be 'standard' or 'fused', not {moe_op!r}")
+    if moe_op == "fused" and (model.cfg.inference_routing != "dropless" or model.cfg.renormalize_gates):
+        raise ValueError("moe_op='fused' needs dropless inference routing and gates that are not renormalised")
     tokenizer = tokenizer or read_tokenizer(checkpoint)
     if tokenizer is None:
         raise ValueError(f"{checkpoint} holds no tokenizer; pass one (--tokenizer FILE)")
@@ -254,22 +364,30 @@ def export_entry(
         images, tokens = example_inputs(model)
         roles = {"image_onnx": "image_encoder.onnx", "text_onnx": "text_encoder.onnx",
                  "tokenizer": "tokenizer.json"}
+        _set_moe_op(model, moe_op)
         export_onnx(ImageEncoder(model), images, "images", tmp / roles["image_onnx"], opset)
         export_onnx(TextEncoder(model), tokens, "tokens", tmp / roles["text_onnx"], opset)
+        _set_moe_op(model, "standard")
         if "torchscript" in formats:
             roles["torchscript"] = "encoders.torchscript.pt"
             export_torchscript(model, images, tokens, tmp / roles["torchscript"])
         tokenizer.save(tmp / roles["tokenizer"])
 
-        quantization = {}
+        quantization: dict[str, Any] = {}
         if "int8" in formats:
+            cal_images, cal_tokens, cal_record = calibration_inputs(cfg, tokenizer, calibration_data,
+                                                                    calibration_cache, calibration_count)
             check_images, check_tokens = example_inputs(model, batch=32, seed=1)
-            for modality, feed in (("image", {"images": check_images.numpy()}),
-                                   ("text", {"tokens": check_tokens.numpy()})):
+            if calibration_data is not None:  # check on real inputs too: the calibrated range
+                check_images, check_tokens = torch.from_numpy(cal_images[:32]), torch.from_numpy(cal_tokens[:32])
+            quantization = {"scheme": int8_scheme, "description": DESCRIPTIONS[int8_scheme],
+                            "calibration": cal_record}
+            for modality, input_name, cal, check in (("image", "images", cal_images, check_images),
+                                                     ("text", "tokens", cal_tokens, check_tokens)):
                 src, dst = tmp / roles[f"{modality}_onnx"], tmp / f"{modality}_encoder.int8.onnx"
-                quantize_int8(src, dst)
+                quantize_graph(src, dst, int8_scheme, [{input_name: b} for b in batches(cal, 32)])
                 roles[f"{modality}_onnx_int8"] = dst.name
-                quantization[modality] = onnx_agreement(src, dst, feed)
+                quantization[modality] = onnx_agreement(src, dst, {input_name: check.numpy()})
         if "onnx" not in formats:  # the fp32 graphs were only the source of the int8 ones
             for modality in ("image", "text"):
                 (tmp / roles.pop(f"{modality}_onnx")).unlink()
@@ -294,6 +412,7 @@ def export_entry(
             "logit_scale": logit_scale,
             "templates": list(templates),
             "moe": {"layers": list(cfg.moe_layer_ids), "num_experts": cfg.num_experts, "top_k": K,
+                    "inference_routing": cfg.inference_routing, "onnx_op": moe_op,
                     "eval_capacity_factor": cfg.eval_capacity_factor, "batch_priority": cfg.batch_priority},
             "graphs": {
                 "image": {"input": {"name": "images", "dtype": "float32",

@@ -128,7 +128,7 @@ class LIMoE(nn.Module):
     def _moe(cfg: LIMoEConfig, layer: int) -> MoELayer:
         return MoELayer(cfg.width, cfg.mlp_dim, cfg.num_experts, cfg.top_k, cfg.train_capacity_factor,
                         cfg.eval_capacity_factor, cfg.batch_priority, cfg.renormalize_gates,
-                        cfg.router_noise_std, cfg.train_group_size, layer)
+                        cfg.router_noise_std, cfg.train_group_size, layer, cfg.inference_routing)
 
     def _init_weights(self) -> None:
         for m in self.modules():

@@ -16,10 +16,26 @@ def _evaluation(ev: dict[str, Any]) -> list[str]:
         return ["No evaluation recorded (run `limoe eval` on the checkpoint before exporting, or on this entry)."]
     lines = ["Zero-shot classification (prompt-template ensemble over all the set's classes; 10-way: the true "
              "class against 9 random others, like a user sending a short label list):", ""]
-    lines += _table(["set", "top-1", "top-5", "10-way top-1", "classes", "images"],
+    cap = ev.get("capacity") or {}
+    cap_sets = cap.get("zero_shot", {})
+    head = ["set", "top-1", "top-5", "10-way top-1", "classes", "images"]
+    if cap_sets:
+        head += [f"top-1 at capacity {cap['eval_capacity_factor']}", "10-way at capacity"]
+    lines += _table(head,
                     [[n, f"{r['top1']:.1%}", f"{r['top5']:.1%}",
                       f"{r['top1_of_10']:.1%}" if "top1_of_10" in r else "-", str(r["classes"]), str(r["images"])]
+                     + ([f"{cap_sets[n]['top1']:.1%}" if n in cap_sets else "-",
+                         f"{cap_sets[n].get('top1_of_10', 0):.1%}" if n in cap_sets else "-"] if cap_sets else [])
                      for n, r in ev["zero_shot"].items()])
+    grouped = [(n, r) for n, r in ev["zero_shot"].items() if "top1_in_group" in r]
+    if grouped:
+        lines += [""] + [f"- {n}: top-1 among the labels of the image's category ({r['classes_per_group']:.0f} on "
+                         f"average) **{r['top1_in_group']:.1%}**" for n, r in grouped]
+    if cap_sets:
+        dropped = ", ".join(f"{m} {v:.1%}" for m, v in cap.get("dropped_rate", {}).items())
+        lines += ["", f"The last two columns run the same weights with capacity routing (one routing group per "
+                      f"example, capacity factor {cap['eval_capacity_factor']}), which drops {dropped} of the token "
+                      "choices; the others are the entry's own (dropless) inference."]
     if ev.get("retrieval"):
         lines += ["", "Image-text retrieval (recall):", ""]
         lines += _table(["set", "image->text @1", "@5", "text->image @1", "@5"],
@@ -79,6 +95,19 @@ def _weak_spots(ev: dict[str, Any]) -> list[str]:
     return out
 
 
+def _drops(moe: dict[str, Any]) -> bool:
+    return moe.get("inference_routing", "capacity") == "capacity"
+
+
+def _inference(moe: dict[str, Any]) -> str:
+    """Entries written before dropless inference existed have no `inference_routing`: capacity."""
+    if moe.get("inference_routing", "capacity") == "dropless":
+        op = " (ONNX Runtime's fused `com.microsoft.MoE` op)" if moe.get("onnx_op") == "fused" else ""
+        return f"dropless: every token's {moe['top_k']} choice(s) computed, nothing dropped{op}"
+    return (f"capacity factor {moe['eval_capacity_factor']} per example (tokens over an expert's capacity "
+            "are dropped)")
+
+
 def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None = None,
                       stats: dict[str, Any] | None = None) -> str:
     """Markdown for the entry described by `manifest` (see model_store/README.md)."""
@@ -93,9 +122,10 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
               f"embedding {cfg['embed_dim']}",
               f"- images {cfg['image_size']} px in {cfg['patch_size']} px patches; texts {cfg['context_length']} tokens, "
               f"vocabulary {cfg['vocab_size']}",
-              f"- MoE in blocks {', '.join(map(str, moe['layers'])) or 'none'}: {moe['num_experts']} experts, top-{moe['top_k']}, "
-              f"inference capacity factor {moe['eval_capacity_factor']}, Batch Priority Routing "
-              f"{'on' if moe['batch_priority'] else 'off'}; auxiliary loss `{cfg['aux_loss']}`"]
+              f"- MoE in blocks {', '.join(map(str, moe['layers'])) or 'none'}: {moe['num_experts']} experts, top-{moe['top_k']}; "
+              f"training capacity factor {cfg['train_capacity_factor']} with Batch Priority Routing "
+              f"{'on' if moe['batch_priority'] else 'off'}; auxiliary loss `{cfg['aux_loss']}`",
+              f"- inference: {_inference(moe)}"]
     if stats:
         lines.append(f"- {stats['total_params'] / 1e6:.2f}M parameters, {stats['active_params'] / 1e6:.2f}M active per "
                      f"token; {stats['image_flops'] / 1e9:.3f} GFLOPs per image, {stats['text_flops'] / 1e9:.4f} per text")
@@ -115,7 +145,10 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
     lines += _reproduce(manifest, training)
     lines += ["", "## Evaluation", ""] + _evaluation(manifest.get("evaluation") or {})
     lines += _plots(manifest.get("roles", {}))
-    lines += ["", attribution_markdown().strip(), "", "## Limitations and known biases", ""]
+    sources = list((training or {}).get("sources") or {})
+    lines += ["", attribution_markdown(sources).strip() if sources else
+              "## Training data licences\n\nNo training data: the weights are as initialised.",
+              "", "## Limitations and known biases", ""]
     lines += _weak_spots(manifest.get("evaluation") or {})
     lines += [
               "- Trained on small, narrow data (emoji, icons, handwritten digits, rendered shapes): it knows nothing "
@@ -124,5 +157,8 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
               "variants' names, reflect those naming conventions, not a neutral description.",
               "- Scores are a softmax over the labels you send: they rank those labels and always sum to 1, even when "
               "none of them fits.",
-              "- Tokens over an expert's capacity are dropped (residual only); the `dropped` rates above show how much."]
+              "- Tokens over an expert's capacity are dropped (residual only); the `dropped` rates above show how much."
+              if _drops(moe) else
+              "- Inference is dropless: every token reaches the experts it chose, and an image's result never depends "
+              "on the other images in its batch (int8 graphs included)."]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from limoe.routing import RoutingPlan, combine, dispatch, expert_capacity, route
+from limoe.routing import RoutingPlan, combine, dispatch, expert_capacity, route, route_dropless
+
+INFERENCE_ROUTING = ("dropless", "capacity")
 
 
 class Router(nn.Module):
@@ -48,6 +50,87 @@ class Experts(nn.Module):
         """(E, N, D) -> (E, N, D); row n of expert e only sees expert e's weights."""
         h = F.gelu(torch.baddbmm(self.b1, x, self.w1))  # (E, N, H)
         return torch.baddbmm(self.b2, h, self.w2)  # (E, N, D)
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e alone: (N, D) -> (N, D); N may be 0."""
+        h = F.gelu(x @ self.w1[e] + self.b1[e])  # (N, H)
+        return h @ self.w2[e] + self.b2[e]  # (N, D)
+
+
+def dropless_experts(x: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
+    """Every real token's K choices computed, nothing dropped: (G, S, D) -> (G, S, D).
+
+    Choices are grouped by expert: for each expert e, the choices that picked it (NonZero over
+    the N*K choices), their tokens gathered (n_e, D), expert e's MLP on exactly them, times their
+    gates. All experts' outputs are then added back at their tokens' rows in one scatter. The
+    loop over the E experts is unrolled when exported, so every expert is in the graph, and an
+    expert that no token chose runs on 0 rows. FLOPs are the active ones (K MLPs per token, no
+    padding to a capacity). Padding tokens are never routed."""
+    G, S, D = x.shape
+    K = plan.expert_index.shape[-1]
+    tokens = x.reshape(G * S, D)  # (N, D), N = G*S
+    real = plan.mask.reshape(G * S, 1)  # (N, 1)
+    choice = torch.where(real, plan.expert_index.reshape(G * S, K), -1).reshape(-1)  # (N*K,), -1: padding
+    gates = plan.gates.reshape(-1)  # (N*K,)
+    rows, outputs = [], []
+    for e in range(experts.w1.shape[0]):
+        picked = (choice == e).nonzero().squeeze(-1)  # (n_e,) choice ids, token-major
+        row = picked // K if K > 1 else picked  # (n_e,) their tokens
+        y = experts.expert(e, tokens.index_select(0, row))  # (n_e, D)
+        rows.append(row)
+        outputs.append(y * gates.index_select(0, picked).unsqueeze(-1).to(y.dtype))
+    # A token's K choices are distinct experts, so its rows meet only across experts: add them.
+    return torch.zeros_like(tokens).index_add(0, torch.cat(rows), torch.cat(outputs)).view(G, S, D)
+
+
+@torch.library.custom_op("limoe::fused_moe", mutates_args=())
+def fused_moe(x: Tensor, logits: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, k: int) -> Tensor:
+    """ONNX Runtime's fused `com.microsoft.MoE` op, as PyTorch: the export option `moe_op="fused"`.
+
+    x (N, D) tokens, logits (N, E) router logits, expert weights in ONNX Runtime's layout
+    w1 (E, H, D), b1 (E, H), w2 (E, D, H), b2 (E, D). Softmax over E, top-k, and
+    y_n = sum_k p_k * expert_k(x_n) with the tanh-approximate GELU of that kernel, gates not
+    renormalised; every row is computed (padding too: its output is masked downstream)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    gates, index = probs.topk(k, dim=-1)  # (N, k)
+    y = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        rows, slot = (index == e).nonzero(as_tuple=True)
+        h = F.gelu(x[rows] @ w1[e].t() + b1[e], approximate="tanh")
+        y = y.index_add(0, rows, (h @ w2[e].t() + b2[e]) * gates[rows, slot].unsqueeze(-1).to(x.dtype))
+    return y
+
+
+@fused_moe.register_fake
+def _(x: Tensor, logits: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, k: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _register_ort_moe_schema() -> None:
+    """Tell onnx's schema registry about ONNX Runtime's com.microsoft.MoE (the subset we use), so
+    that the exporter can emit it; onnx itself knows no com.microsoft ops."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("MoE", "com.microsoft"):
+        return
+    p = OpSchema.FormalParameter
+    inputs = [p(n, "T") for n in ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias",
+                                   "fc2_experts_weights", "fc2_experts_bias")]
+    attrs = [OpSchema.Attribute("k", OpSchema.AttrType.INT, "experts per token"),
+             OpSchema.Attribute("activation_type", OpSchema.AttrType.STRING, "gelu"),
+             OpSchema.Attribute("normalize_routing_weights", OpSchema.AttrType.INT, "0: gates are softmax probabilities")]
+    onnx.defs.register_schema(OpSchema("MoE", "com.microsoft", 1, inputs=inputs, outputs=[p("output", "T")],
+                                       type_constraints=[("T", ["tensor(float)"], "")], attributes=attrs))
+
+
+def fused_moe_onnx(x, logits, w1, b1, w2, b2, k: int):
+    """The translation of limoe::fused_moe for torch.onnx's custom_translation_table."""
+    import onnxscript
+
+    _register_ort_moe_schema()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    return msft.MoE(x, logits, w1, b1, w2, b2, k=k, activation_type="gelu", normalize_routing_weights=0)
 
 
 @dataclass
@@ -110,8 +193,11 @@ class MoELayer(nn.Module):
         router_noise_std: float = 0.0,
         train_group_size: int = 8,
         layer: int = 0,
+        inference_routing: str = "dropless",
     ):
         super().__init__()
+        if inference_routing not in INFERENCE_ROUTING:
+            raise ValueError(f"inference_routing must be one of {INFERENCE_ROUTING}, not {inference_routing!r}")
         self.router = Router(width, num_experts, router_noise_std)
         self.experts = Experts(num_experts, width, hidden)
         self.num_experts, self.top_k, self.layer = num_experts, top_k, layer
@@ -119,14 +205,28 @@ class MoELayer(nn.Module):
         self.eval_capacity_factor = eval_capacity_factor
         self.batch_priority, self.renormalize_gates = batch_priority, renormalize_gates
         self.train_group_size = train_group_size
+        self.inference_routing = inference_routing
+        self.moe_op = "standard"  # "fused": the dropless layer as ONNX Runtime's MoE op (export option)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
         """x (B, T, D), mask (B, T) True for real tokens -> (B, T, D) and the routing info.
 
-        Training routes `train_group_size` examples per group; inference routes every example
-        as its own group, so an example's output never depends on its batch neighbours.
+        Training routes `train_group_size` examples per group at the training capacity, with BPR.
+        Inference is dropless (every token's K choices computed) or, for comparison, routes every
+        example as its own group at the inference capacity; either way an example's output never
+        depends on its batch neighbours.
         """
         B, T, D = x.shape
+        if not self.training and self.inference_routing == "dropless":
+            logits, _ = self.router(x)  # (B, T, E) float32: one group per example, S = T
+            plan = route_dropless(logits, self.top_k, mask, self.renormalize_gates)
+            if self.moe_op == "fused":
+                ex = self.experts
+                y = fused_moe(x.reshape(B * T, D), logits.reshape(B * T, -1), ex.w1.transpose(1, 2), ex.b1[:, 0],
+                              ex.w2.transpose(1, 2), ex.b2[:, 0], self.top_k).view(B, T, D)
+            else:
+                y = dropless_experts(x, plan, self.experts)
+            return y, RoutingInfo(self.layer, plan, logits, logits, self.router.noise_std, T)
         per_group = examples_per_group(B, self.train_group_size) if self.training else 1
         G, S = B // per_group, per_group * T
         factor = self.train_capacity_factor if self.training else self.eval_capacity_factor
@@ -143,5 +243,6 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, K={self.top_k}, capacity_factor(train/eval)="
-                f"{self.train_capacity_factor}/{self.eval_capacity_factor}, bpr={self.batch_priority}")
+                f"{self.train_capacity_factor}/{self.eval_capacity_factor}, bpr={self.batch_priority}, "
+                f"inference={self.inference_routing}")
 

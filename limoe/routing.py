@@ -14,7 +14,11 @@ routing) or from the most to the least confident token (Batch Priority Routing: 
 the token's top-1 probability). A choice that finds its expert full is dropped: the token skips
 that expert, and if all its choices are dropped it passes through the residual connection only.
 
-Everything here has static shapes (argsort, cumsum, gather) so it exports to ONNX/TorchScript.
+Dropless routing (`route_dropless`, inference) makes the same top-K choices with no capacity:
+nothing is ever dropped, and `limoe.moe.dropless_experts` runs each expert on exactly the tokens
+that chose it (MegaBlocks' dMoE, Tutel with capacity factor 0).
+
+Capacity routing has static shapes (argsort, cumsum, gather) so it exports to ONNX/TorchScript.
 """
 
 from __future__ import annotations
@@ -42,27 +46,34 @@ class RoutingPlan:
     expert_index: (G, S, K) chosen experts, best first
     gates:        (G, S, K) combine weight of each choice (0 for dropped or padded choices)
     slot:         (G, S, K) int64 flat buffer position e * C + c, or E * C ("nowhere") if the
-                  choice was dropped or the token is padding
+                  choice was dropped or the token is padding; None for a dropless plan
     dropped:      (G, S, K) bool, a real token's choice that found its expert full
     mask:         (G, S) bool, True for real tokens (False for padding, which is never routed)
-    capacity:     C
+    capacity:     C, or None for a dropless plan (no buffers: every choice is computed)
     """
 
     probs: Tensor
     expert_index: Tensor
     gates: Tensor
-    slot: Tensor
+    slot: Tensor | None
     dropped: Tensor
     mask: Tensor
-    capacity: int
+    capacity: int | None
 
     @property
     def num_experts(self) -> int:
         return self.probs.shape[-1]
 
     @property
+    def dropless(self) -> bool:
+        return self.capacity is None
+
+    @property
     def kept(self) -> Tensor:
-        """(G, S, K) bool: choices that got a buffer slot."""
+        """(G, S, K) bool: choices that are computed (got a buffer slot, or any real token's
+        choice in a dropless plan)."""
+        if self.dropless:
+            return self.mask.unsqueeze(-1).expand_as(self.expert_index)
         return self.slot < self.num_experts * self.capacity
 
     @property
@@ -82,6 +93,30 @@ def _priority_order(top1: Tensor, mask: Tensor) -> Tensor:
     return (key - index * (2.0 ** -30 / S)).topk(S, dim=1).indices
 
 
+def _choose(logits: Tensor, top_k: int, mask: Tensor | None, renormalize: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Router logits (G, S, E) -> float32 probs (G, S, E), each token's top-K experts and gates
+    (G, S, K), best first (gates 0 for padding), and the (G, S) mask of real tokens."""
+    G, S, _ = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)  # (G, S, E)
+    if mask is None:
+        mask = torch.ones(G, S, dtype=torch.bool, device=logits.device)
+    gates, expert_index = probs.topk(top_k, dim=-1)  # (G, S, K) each, best choice first
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return probs, expert_index, gates * mask.unsqueeze(-1), mask
+
+
+def route_dropless(logits: Tensor, top_k: int, mask: Tensor | None = None, renormalize: bool = False
+                   ) -> RoutingPlan:
+    """The same top-K choices as `route`, with no capacity: every real token's K choices are
+    kept, so `dropped` is all False and there is no priority order to apply. A token's plan
+    depends on that token alone, whatever its group."""
+    probs, expert_index, gates, mask = _choose(logits, top_k, mask, renormalize)
+    return RoutingPlan(probs=probs, expert_index=expert_index, gates=gates, slot=None,
+                       dropped=torch.zeros_like(expert_index, dtype=torch.bool), mask=mask, capacity=None)
+
+
 def route(
     logits: Tensor,
     top_k: int,
@@ -97,13 +132,7 @@ def route(
     """
     G, S, E = logits.shape
     K = top_k
-    probs = torch.softmax(logits.float(), dim=-1)  # (G, S, E)
-    if mask is None:
-        mask = torch.ones(G, S, dtype=torch.bool, device=logits.device)
-    gates, expert_index = probs.topk(K, dim=-1)  # (G, S, K) each, best choice first
-    if renormalize:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-    gates = gates * mask.unsqueeze(-1)
+    probs, expert_index, gates, mask = _choose(logits, top_k, mask, renormalize)
 
     # Order in which tokens claim slots: by decreasing top-1 probability (BPR) or by index.
     if batch_priority:

@@ -106,10 +106,11 @@ class OnnxBackend:
                                   "(install onnxruntime-gpu with matching CUDA/cuDNN libraries)")
             log.warning("CUDA provider not active; running on %s", active)
         if "CUDAExecutionProvider" in active and self._enc.quantized:
-            # Dynamic int8 (MatMulInteger, DynamicQuantizeLinear) has CPU kernels only.
-            log.warning("%s v%s runs its int8 graphs: ONNX Runtime places their quantised matmuls on the CPU "
-                        "even with CUDA; export fp32 graphs (limoe export CKPT --formats onnx) for GPU speed",
-                        manifest.name, manifest.version)
+            # Dynamic int8 (MatMulInteger) has CPU kernels only; static QDQ graphs run on CUDA as
+            # dequantise + fp32 matmul, with no int8 speed-up either way.
+            log.warning("%s v%s runs its int8 graphs: ONNX Runtime's CUDA provider has no int8 matmul kernels for "
+                        "them (quantised matmuls run on the CPU, or dequantised to fp32); export fp32 graphs "
+                        "(limoe export CKPT --formats onnx) for GPU speed", manifest.name, manifest.version)
         self.device = active[0] + (" (int8)" if self._enc.quantized else "")
         self.manifest = manifest.data
         self.name, self.version = manifest.name, manifest.version

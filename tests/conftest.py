@@ -36,14 +36,14 @@ TOY_EVAL = {"zero_shot": {"toy": {"top1": 0.5, "top5": 1.0, "classes": 3, "image
 CAPTIONS = [t.replace("{}", w) for t in DEFAULT_TEMPLATES for w in ("red circle", "blue square", "cat")]
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """A tiny model (top-2 routing, capacity tight enough to drop) exported once through the CLI."""
-    root = tmp_path_factory.mktemp("export")
-    cfg = get_config("tiny", top_k=2, eval_capacity_factor=0.5, depth=3, moe_layers="1,2")
+def _export_tiny(root, inference_routing: str):
+    """A tiny model (top-2 routing, a peaky router; capacity 0.5 where it applies, tight enough to
+    drop) exported through the CLI with int8 graphs."""
+    cfg = get_config("tiny", top_k=2, eval_capacity_factor=0.5, depth=3, moe_layers="1,2",
+                     inference_routing=inference_routing)
     torch.manual_seed(0)
     model = LIMoE(cfg).eval()
-    with torch.no_grad():  # a peaky router, so some choices really are dropped
+    with torch.no_grad():  # a peaky router, so that capacity routing really drops some choices
         for block in model.blocks[1:]:
             block.mlp.router.weight.mul_(50)
     tok = Tokenizer.train(CAPTIONS, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
@@ -51,3 +51,21 @@ def exported(tmp_path_factory):
     assert main(["export", str(ckpt), "--name", "tiny", "--store", str(root / "store"), "--quantize", "int8"]) == 0
     entry = root / "store" / "tiny" / "1"
     return model, tok, entry, ckpt
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """The tiny model exported as a dropless entry (the default): nothing is dropped."""
+    return _export_tiny(tmp_path_factory.mktemp("export"), "dropless")
+
+
+@pytest.fixture(scope="session")
+def exported_capacity(tmp_path_factory):
+    """The same tiny model exported with capacity routing at inference (factor 0.5): drops."""
+    return _export_tiny(tmp_path_factory.mktemp("export-capacity"), "capacity")
+
+
+@pytest.fixture(scope="session", params=["dropless", "capacity"])
+def exported_any(request):
+    """Both entries, for what must hold whatever the inference routing."""
+    return request.getfixturevalue("exported" if request.param == "dropless" else "exported_capacity")

@@ -38,7 +38,7 @@ def test_torchscript_cuda_index_beyond_the_devices_is_refused():
 
 
 def test_int8_graphs_on_cuda_are_warned_about(monkeypatch, caplog):
-    """ONNX Runtime runs dynamic-int8 matmuls on the CPU even in a CUDA session: say so. The
+    """ONNX Runtime has no CUDA int8 matmul kernels for our int8 graphs: say so. The
     session's provider list is the neighbour faked here (no GPU on CI)."""
     monkeypatch.setattr(OnnxEncoders, "providers", property(lambda self: ["CUDAExecutionProvider",
                                                                           "CPUExecutionProvider"]))

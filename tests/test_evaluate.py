@@ -1,5 +1,7 @@
 """Evaluation metrics by hand, and the whole evaluation on a checkpoint and its export."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,44 @@ def test_plots_are_written(tmp_path):
     for path in (a, b):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_dropless_and_capacity_are_reported_side_by_side(exported):
+    """`limoe eval CHECKPOINT` evaluates the same weights dropless and at capacity routing; the
+    table and the model card show both, with the capacity run's drop rates."""
+    from limoe.evaluate import with_capacity
+    from limoe.model_card import render_model_card
+
+    model, _, entry, ckpt = exported
+    cfg = model.cfg
+    pixels = torch.randn(12, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)).numpy()
+    labels = ["red circle", "blue square", "cat"] * 4
+    sets = [EvalSet("toy", pixels, labels, captions=[f"a {x}" for x in labels])]
+    dropless = evaluate(Encoders.from_checkpoint(ckpt), sets)
+    capacity = evaluate(Encoders.from_checkpoint(ckpt, inference_routing="capacity", eval_capacity_factor=0.5), sets)
+    assert all(r["dropped_rate"]["image"] == 0 for r in dropless["routing"]["layers"])
+    assert all(r["dropped_rate"]["image"] > 0 for r in capacity["routing"]["layers"])  # the peaky router overflows
+    both = with_capacity(dropless, capacity, 0.5)
+    assert both["zero_shot"] == dropless["zero_shot"] and both["capacity"]["zero_shot"] == capacity["zero_shot"]
+    layers = capacity["routing"]["layers"]
+    expected = round(float(np.mean([r["dropped_rate"]["image"] for r in layers])), 4)
+    assert both["capacity"]["dropped_rate"]["image"] == expected
+    table = format_results(both)
+    assert "cap top-1" in table and f"image {expected:.1%}" in table
+    manifest = json.loads((entry / "manifest.json").read_text())
+    card = render_model_card({**manifest, "evaluation": both})
+    assert "top-1 at capacity 0.5" in card and "dropless: every token's 2 choice(s) computed" in card
+
+
+def test_group_top1_competes_only_within_the_images_category():
+    from limoe.evaluate import group_top1
+
+    classes = ["cat", "dog", "car", "bus"]  # animals: cat, dog; vehicles: car, bus
+    labels = ["cat", "dog", "car", "bus"]
+    groups = ["animal", "animal", "vehicle", "vehicle"]
+    targets = np.array([0, 1, 2, 3])
+    # image 0 (cat): best overall is "car" (0.9), but within animals "cat" (0.5) beats "dog" (0.1) -> right
+    # image 1 (dog): within animals "cat" 0.6 > "dog" 0.4 -> wrong; image 2 (car): right; image 3 (bus): right
+    scores = np.array([[0.5, 0.1, 0.9, 0.0], [0.6, 0.4, 0.0, 0.0], [0.0, 0.0, 0.7, 0.2], [0.9, 0.0, 0.1, 0.3]])
+    top1, per_group = group_top1(scores, targets, classes, labels, groups)
+    assert top1 == 0.75 and per_group == 2.0

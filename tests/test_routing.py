@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from limoe.routing import combine, dispatch, expert_capacity, route
+from limoe.routing import combine, dispatch, expert_capacity, route, route_dropless
 
 
 def _logits(probs):
@@ -144,3 +144,22 @@ def test_router_softmax_is_float32_for_half_inputs():
     assert plan.probs.dtype == torch.float32
     assert plan.probs.sum(-1).tolist()[0] == pytest.approx([1.0] * 4, abs=1e-6)
     assert math.isclose(float(plan.gates.max()), float(plan.probs.max()))
+
+
+def test_dropless_routing_keeps_every_choice_of_the_scenario():
+    # The same 3 tokens, K=2: no capacity, so t2's first choice e0 (lost to t0 in plain routing,
+    # and t0's lost in BPR) is kept too; the gates are exactly the top-2 probabilities.
+    plan = route_dropless(_logits(SCENARIO), top_k=2)
+    assert plan.dropless and plan.capacity is None and plan.slot is None
+    assert plan.expert_index[0].tolist() == [[0, 1], [0, 2], [0, 1]]
+    assert not plan.dropped.any()
+    assert plan.kept.all()
+    torch.testing.assert_close(plan.gates[0], torch.tensor([[0.40, 0.35], [0.80, 0.15], [0.60, 0.30]]))
+
+
+def test_dropless_routing_never_routes_padding():
+    mask = torch.tensor([[True, False, True]])
+    plan = route_dropless(_logits(SCENARIO), top_k=2, mask=mask)
+    assert plan.kept[0].tolist() == [[True, True], [False, False], [True, True]]
+    assert plan.gates[0, 1].tolist() == [0.0, 0.0]
+    assert not plan.dropped.any()  # padding is not "dropped" either
