@@ -217,7 +217,7 @@ def batch_independence(path: Path, feed: dict[str, np.ndarray], batch: int = 5) 
     worst = 0.0
     for i in range(min(batch, len(x))):
         alone = session.run(None, {name: x[i:i + 1]})
-        worst = max(worst, *(float(np.abs(a[0].astype(np.float64) - t[i].astype(np.float64)).max())
+        worst = max(worst, *(float(np.abs(a[0].astype(np.float64) - t[i].astype(np.float64)).max(initial=0.0))
                              for a, t in zip(alone, together)))
     return worst
 
@@ -280,6 +280,54 @@ def _libraries() -> dict[str, str]:
 
     return {"limoe": limoe.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
+
+
+def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, cache: str | Path | None = None,
+                      count: int = 256) -> Manifest:
+    """Give an existing entry's dynamic int8 graphs fixed activation scales (limoe.quantize.
+    freeze_dynamic_int8), calibrated on `count` items of the training mix `calibration_data`:
+    for entries exported before static int8 existed, whose checkpoint is gone. The entry is
+    rebuilt beside itself and swapped in, so readers never see half of it."""
+    from limoe.config import LIMoEConfig
+    from limoe.quantize import freeze_dynamic_int8
+
+    entry = Path(entry)
+    manifest = verify(entry)
+    data = json.loads(json.dumps(manifest.data))
+    roles = data["roles"]
+    if "image_onnx_int8" not in roles:
+        raise ValueError(f"{entry} has no int8 graphs")
+    tokenizer = Tokenizer.load(manifest.file("tokenizer"))
+    cfg = LIMoEConfig.from_dict(data["config"])
+    cal_images, cal_tokens, record = calibration_inputs(cfg, tokenizer, calibration_data, cache, count)
+    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(entry, tmp)
+    try:
+        int8 = data.setdefault("quantization", {}).setdefault("int8", {})
+        frozen = {}
+        for modality, name, cal in (("image", "images", cal_images), ("text", "tokens", cal_tokens)):
+            path = tmp / roles[f"{modality}_onnx_int8"]
+            frozen[modality] = freeze_dynamic_int8(path, path, [{name: b} for b in batches(cal, 32)])
+            int8.setdefault(modality, {})["batch_independence_max_diff"] = batch_independence(path, {name: cal[:5]})
+        share_weights([tmp / roles[f"{m}_onnx_int8"] for m in ("image", "text")], tmp / roles["onnx_weights_int8"])
+        int8.update(scheme="static-frozen", calibration=record, frozen_nodes=frozen,
+                    description="dynamic int8 weights with activation scales frozen from calibration "
+                                "(DynamicQuantizeLinear -> QuantizeLinear)")
+        if "model_card" in roles:
+            (tmp / roles["model_card"]).write_text(
+                render_model_card(data, data.get("training"), data.get("stats")), encoding="utf-8")
+        data["files"] = {f: file_record(tmp / f) for f in data["files"]}
+        (tmp / MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        verify(tmp)
+        old = entry.parent / f".old-{entry.name}-{os.getpid()}"
+        entry.rename(old)
+        tmp.rename(entry)
+        shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return verify(entry)
 
 
 def _set_moe_op(model: LIMoE, op: str) -> None:

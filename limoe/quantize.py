@@ -84,9 +84,60 @@ def quantize(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME,
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
+def freeze_dynamic_int8(src: Path, dst: Path, calibration: Sequence[dict[str, np.ndarray]]) -> int:
+    """Give a dynamic int8 graph fixed activation scales, for entries whose fp32 graphs and
+    checkpoint are gone (the int8 weights are kept as they are).
+
+    Every DynamicQuantizeLinear(x) -> (y, y_scale, y_zero_point) becomes QuantizeLinear(x) with
+    the scale and zero point that DynamicQuantizeLinear computes for the whole range of x over
+    the calibration inputs: scale = (max(0, hi) - min(0, lo)) / 255, zero point
+    round(-min(0, lo) / scale). Returns how many nodes were frozen."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))  # with its external weights
+    nodes = [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    if not nodes:
+        if src != dst:
+            onnx.save_model(model, str(dst))
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for n in nodes:
+        if n.input[0] not in present:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(n.input[0]))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the probed tensors
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [n.input[0] for n in nodes]
+    lo = {k: 0.0 for k in names}
+    hi = {k: 0.0 for k in names}
+    for feed in calibration:
+        for k, v in zip(names, session.run(names, feed)):
+            lo[k], hi[k] = min(lo[k], float(v.min())), max(hi[k], float(v.max()))
+    replaced = []
+    for n in model.graph.node:
+        if n.op_type != "DynamicQuantizeLinear":
+            replaced.append(n)
+            continue
+        x, (y, y_scale, y_zero) = n.input[0], n.output
+        scale = np.float32((hi[x] - lo[x]) / 255.0 or 1.0)
+        zero = np.uint8(np.clip(np.round(-lo[x] / scale), 0, 255))
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(scale), y_scale),
+                                        numpy_helper.from_array(np.array(zero), y_zero)])
+        replaced.append(helper.make_node("QuantizeLinear", [x, y_scale, y_zero], [y], name=f"{n.name}_frozen"))
+    del model.graph.node[:]
+    model.graph.node.extend(replaced)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(dst))
+    return len(nodes)
+
+
 def batches(array: np.ndarray, size: int) -> list[np.ndarray]:
     """Split calibration inputs (N, ...) into batches of at most `size`."""
     return [array[i:i + size] for i in range(0, len(array), size)]
 
 
-__all__ = ["DEFAULT_SCHEME", "DESCRIPTIONS", "EXPORT_SCHEMES", "SCHEMES", "batches", "quantize"]
+__all__ = ["DEFAULT_SCHEME", "DESCRIPTIONS", "EXPORT_SCHEMES", "SCHEMES", "batches", "freeze_dynamic_int8", "quantize"]

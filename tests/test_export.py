@@ -288,3 +288,27 @@ def test_export_can_override_the_inference_routing(exported, tmp_path):
     assert m["moe"]["inference_routing"] == "capacity" and m["config"]["inference_routing"] == "capacity"
     images, _ = random_batch(model.cfg, 3)
     assert OnnxEncoders.from_entry(store / "cap" / "1").encode_images(images.numpy()).dropped.any()
+
+
+def test_freezing_dynamic_int8_makes_it_batch_independent(exported, tmp_path):
+    """Entries from before static int8 (dynamic quantisation, checkpoint gone) get fixed activation
+    scales: dynamic int8 moves an item with its batch; frozen, it does not, and it stays close."""
+    from limoe.quantize import freeze_dynamic_int8, quantize
+
+    model, _, entry, _ = exported
+    images, _ = random_batch(model.cfg, 5, seed=4)
+    images[0] *= 4  # one item with a wider range than the rest sets a dynamic scale for all
+    dynamic, frozen = tmp_path / "dynamic.onnx", tmp_path / "frozen.onnx"
+    quantize(entry / "image_encoder.onnx", dynamic, "dynamic")
+    calibration, _ = random_batch(model.cfg, 64, seed=5)
+    assert freeze_dynamic_int8(dynamic, frozen, [{"images": calibration.numpy()}]) > 0
+    from limoe.export import batch_independence
+
+    x = {"images": images.numpy()}
+    assert batch_independence(dynamic, x) > 1e-4
+    assert batch_independence(frozen, x) <= 1e-6
+    import onnxruntime as ort
+
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0]  # noqa: E731
+    ref = _eager(model, images=images)[0]
+    assert (run(frozen)[1:] * ref[1:]).sum(-1).min() > 0.98  # within the calibrated range: close to fp32

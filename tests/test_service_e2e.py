@@ -4,6 +4,7 @@ users have: huggingface_hub's InferenceClient, tritonclient, and a real Promethe
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,26 @@ def test_tritonclient_http(live):
     labels_in.set_data_from_numpy(np.array([s.encode() for s in LABELS], dtype=object))
     result = client.infer("limoe-tiny", [image_in, labels_in])
     assert result.as_numpy("SCORES").shape == (1, 3) and result.as_numpy("EXPERTS") is not None
+
+
+def test_a_dropless_model_drops_nothing_and_routes_every_layer(live):
+    """The served limoe-tiny is a dropless entry: after real traffic /metrics shows tokens routed in
+    every MoE layer, for images and texts, and not one dropped token choice."""
+    base, _ = live
+    for color in ((250, 10, 10), (10, 250, 10), (10, 10, 250)):
+        r = httpx.post(f"{base}/v1/classify", files=[("images", ("x.png", png(color), "image/png"))],
+                       data={"labels": ["a dog", "a very long label about a red bicycle in the rain", "sun"]},
+                       timeout=30)
+        assert r.status_code == 200
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    routed: dict[tuple[str, str], float] = {}
+    for layer, modality, value in re.findall(
+            r'^limoe_expert_tokens_total\{expert="\d+",layer="(\d+)",modality="(\w+)"\} ([0-9.e+]+)$', text, re.M):
+        routed[layer, modality] = routed.get((layer, modality), 0) + float(value)
+    layers = ModelStore(ROOT / "model_store").load("limoe-tiny").data["moe"]["layers"]
+    assert {(str(layer), m) for layer in layers for m in ("image", "text")} <= {k for k, v in routed.items() if v > 0}
+    dropped = re.findall(r"^limoe_expert_tokens_dropped_total\{.*\} ([0-9.e+]+)$", text, re.M)
+    assert sum(float(v) for v in dropped) == 0
 
 
 def test_real_prometheus_scrapes_metrics(live, tmp_path):

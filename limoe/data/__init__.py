@@ -1,6 +1,7 @@
-"""Training data for LIMoE: built-in sources (emoji, icons, mnist, scenes) prepared into a common
-on-disk format, readers for users' CSV/JSONL indexes and WebDataset shards, and one weighted-mix
-loader (limoe.data.dataset.MixDataset / MixSampler / MixStream). See docs/DATA.md.
+"""Training data for LIMoE: built-in sources (emoji, icons, mnist, scenes, and the SVG-rendered
+emoji_art and iconsets) prepared into a common on-disk format, readers for users' CSV/JSONL
+indexes and WebDataset shards, and one weighted-mix loader (limoe.data.dataset.MixDataset /
+MixSampler / MixStream). See docs/DATA.md.
 
 Importing this package does not import torch; `limoe.data.dataset` does.
 """

@@ -15,9 +15,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     style = None if args.emoji_holdout_style in ("none", "") else args.emoji_holdout_style
     concepts = [c for c in (args.emoji_holdout_concepts or "").split(",") if c.strip()]
+    art_held = None
+    if args.emoji_art_holdout_styles is not None:
+        art_held = [s.strip() for s in args.emoji_art_holdout_styles.split(",") if s.strip() and s.strip() != "none"]
     try:
         metas = prepare(sources, args.cache, args.force, scenes_count=args.scenes_count, scenes_seed=args.scenes_seed,
-                        emoji_holdout_style=style, emoji_holdout_concepts=concepts)
+                        emoji_holdout_style=style, emoji_holdout_concepts=concepts,
+                        emoji_art_holdout_styles=art_held, workers=args.workers)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -44,7 +48,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     """Add `data` (with `prepare` and `info`) to an argparse subparsers object; each leaf sets
     `func` (returns an exit code), as limoe/cli.py's commands do."""
-    data = subparsers.add_parser("data", help="prepare and inspect training data (emoji, icons, mnist, scenes)")
+    data = subparsers.add_parser("data", help="prepare and inspect training data (emoji, icons, mnist, scenes, "
+                                              "emoji_art, iconsets)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     prep = sub.add_parser("prepare", help="fetch/render the built-in sources into the cache (idempotent)")
@@ -57,6 +62,11 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                       help="art style kept entirely in 'test' (default twitter)")
     prep.add_argument("--emoji-holdout-concepts", default="",
                       help="comma-separated emoji labels, codes or categories forced into 'test'")
+    prep.add_argument("--emoji-art-holdout-styles", default=None,
+                      help="comma-separated emoji_art styles kept entirely in 'test', or 'none' (default: the "
+                           "art of --emoji-holdout-style: twemoji for twitter, noto for google)")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="processes rendering SVG for emoji_art and iconsets (default: 2, or 1 on one core)")
     prep.set_defaults(func=_cmd_prepare)
 
     inf = sub.add_parser("info", help="items per source, style and split in the cache")

@@ -176,9 +176,15 @@ class SourceWriter:
                   "build_seconds": round(time.perf_counter() - self.t0, 2)}
         with open(self.tmp / META_NAME, "w", encoding="utf-8") as f:
             json.dump(record, f, ensure_ascii=False, indent=2)
+        # Swap by two renames, then delete the old build: a reader (a training run using the
+        # previous build) sees the directory missing only between the renames, not while it is deleted.
+        old = self.cache / f".{self.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
         if self.final.exists():
-            shutil.rmtree(self.final)
+            os.replace(self.final, old)
         os.replace(self.tmp, self.final)
+        shutil.rmtree(old, ignore_errors=True)
         return record
 
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from limoe.data.iconify_sets import pinned_integrity
+
 # dist.integrity as published (npm view NAME@VERSION dist.integrity), checked on every download.
 PINNED_INTEGRITY = {
     "emoji-datasource-google@16.0.0":
@@ -32,6 +34,9 @@ PINNED_INTEGRITY = {
         "sha512-7tZrPHDh+PaTFgKOuPqM3hFb1X32tTH8CKIiyetXPQDpsQgj7sHJ4RJpN6V8rw1chp+ISX8XKnvrYiN+UiNavg==",
     "@tabler/icons@3.48.0":
         "sha512-lQk06gVHNVBnJp0UOgtth54mcZBJM7rdYKsAxKOProj1bbSAx+/xiuOWfHlyvgdL3M+Y+I0HINrjHa3ygp8eXQ==",
+    # ... and every @iconify-json/<prefix>@<version> of the emoji_art and iconsets sources, pinned
+    # with its set's licence record in limoe/data/iconify_sets.py.
+    **pinned_integrity(),
 }
 
 _ALGOS = {"sha512": hashlib.sha512, "sha384": hashlib.sha384, "sha256": hashlib.sha256, "sha1": hashlib.sha1}
