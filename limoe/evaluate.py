@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from limoe.preprocess import PreprocessConfig
+from limoe.routing_counts import expert_counts
 from limoe.templates import DEFAULT_TEMPLATES
 from limoe.tokenizer import Tokenizer
 from limoe.zeroshot import build_zero_shot_classifier
@@ -122,14 +123,13 @@ def routing_analysis(per_modality: dict[str, tuple[np.ndarray, np.ndarray]], lay
                      num_experts: int) -> dict:
     """per_modality[m] = (expert_index (N, M, T, K), dropped) over an eval set."""
     report = {"layers": []}
+    counted = {m: expert_counts(index, dropped, num_experts) for m, (index, dropped) in per_modality.items()}
     for li, layer in enumerate(layers):
         usage, dropped_rate, entropy = {}, {}, {}
-        for modality, (index, dropped) in per_modality.items():
-            idx, drop = index[:, li], dropped[:, li]
-            real = idx >= 0
-            counts = np.bincount(idx[real & ~drop], minlength=num_experts).astype(np.float64)
+        for modality, (routed, lost) in counted.items():
+            counts = routed[li].astype(np.float64)
             usage[modality] = counts / max(1.0, counts.sum())
-            dropped_rate[modality] = float((real & drop).sum() / max(1, real.sum()))
+            dropped_rate[modality] = float(lost[li].sum() / max(1, routed[li].sum() + lost[li].sum()))
             p = usage[modality][usage[modality] > 0]
             entropy[modality] = float(-(p * np.log(p)).sum())
         image, text = usage.get("image", np.zeros(num_experts)), usage.get("text", np.zeros(num_experts))

@@ -31,6 +31,7 @@ from limoe.config import LIMoEConfig
 from limoe.losses import limoe_loss
 from limoe.model import LIMoE
 from limoe.moe import RoutingInfo
+from limoe.routing_counts import expert_counts
 from limoe.tokenizer import Tokenizer
 
 
@@ -110,12 +111,12 @@ def routing_stats(routing: Sequence[RoutingInfo], modality: str) -> dict[str, An
     out = {}
     for info in routing:
         plan = info.plan
-        real = plan.mask.unsqueeze(-1).expand_as(plan.expert_index)
-        kept = plan.kept & real
-        counts = torch.bincount(plan.expert_index[kept].flatten(), minlength=plan.num_experts).float()
+        index = torch.where(plan.mask.unsqueeze(-1), plan.expert_index, -1)  # padding is never routed
+        routed, lost = expert_counts(index.detach().cpu().numpy()[None], plan.dropped.detach().cpu().numpy()[None],
+                                     plan.num_experts)  # (1, E) each: this layer
         out[f"{modality}/layer{info.layer}"] = {
-            "usage": (counts / counts.sum().clamp_min(1)).round(decimals=4).tolist(),
-            "dropped": round(float(plan.dropped.sum() / real.sum().clamp_min(1)), 4),
+            "usage": np.round(routed[0] / max(1, routed[0].sum()), 4).tolist(),
+            "dropped": round(float(lost[0].sum() / max(1, routed[0].sum() + lost[0].sum())), 4),
         }
     return out
 

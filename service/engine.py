@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from limoe.preprocess import ImageError, ImageTooLargeError, clean_error, open_image, preprocess_image
+from limoe.routing_counts import expert_counts
 from limoe.zeroshot import ensemble, fill_templates, softmax
 from service.backends import Backend
 from service.batcher import DynamicBatcher, ItemResult
@@ -284,14 +285,13 @@ class Engine:
         """How one example was routed: per MoE layer, tokens per expert, dropped choices, and the
         top-1 expert of every token (a patch grid for images: row-major, side x side)."""
         idx, dropped = result.expert_index, result.dropped  # (M, T, K)
+        routed, lost = expert_counts(idx, dropped, self.num_experts)  # (M, E) each
         layers = []
         for m, layer in enumerate(self.moe_layers):
-            real = idx[m] >= 0
-            kept = real & ~dropped[m]
             layers.append({
                 "layer": layer,
-                "tokens_per_expert": np.bincount(idx[m][kept], minlength=self.num_experts).tolist(),
-                "dropped": int((real & dropped[m]).sum()),
+                "tokens_per_expert": routed[m].tolist(),
+                "dropped": int(lost[m].sum()),
                 "top1_expert": [int(e) if not d else -1 for e, d in zip(idx[m, :, 0], dropped[m, :, 0])],
             })
         summary: dict = {"modality": modality, "num_experts": self.num_experts, "layers": layers}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from limoe.routing_counts import expert_counts
+
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -48,10 +50,8 @@ class Metrics:
     def observe_routing(self, modality: str, layers: list[int], num_experts: int,
                         expert_index: np.ndarray, dropped: np.ndarray) -> None:
         """Count a batch's expert choices: expert_index/dropped (B, M, T, K); -1 marks padding."""
-        for m, layer in enumerate(layers):
-            idx, drop = expert_index[:, m], dropped[:, m]
-            routed = np.bincount(idx[(idx >= 0) & ~drop], minlength=num_experts)
-            lost = np.bincount(idx[(idx >= 0) & drop], minlength=num_experts)
+        routed_all, lost_all = expert_counts(expert_index, dropped, num_experts)  # (M, E) each
+        for layer, routed, lost in zip(layers, routed_all, lost_all):
             for e in range(num_experts):
                 if routed[e]:
                     self.expert_tokens.labels(str(layer), modality, str(e)).inc(int(routed[e]))

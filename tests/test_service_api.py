@@ -188,11 +188,11 @@ def test_timeout_answers_504_and_the_server_recovers():
 
 
 def test_disconnected_clients_are_dropped_from_the_queue():
-    fake = FakeBackend(delay_s=0.6)
+    fake = FakeBackend(delay_s=1.5)  # the blocker's forward pass outlasts the impatient client by far
     with uvicorn_thread(create_app(settings(max_batch_size=1, max_batch_wait_ms=0), backend=fake)) as base:
         fake.delay_s = 0.0
         classify(base, [png()])  # label embeddings cached
-        fake.delay_s = 0.6
+        fake.delay_s = 1.5
         fake.calls.clear()
         blocker = threading.Thread(target=classify, args=(base, [png((0, 9, 9))]))
         blocker.start()
