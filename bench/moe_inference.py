@@ -31,7 +31,7 @@ import torch
 
 from limoe.checkpoint import load_checkpoint
 from limoe.config import dense_counterpart, get_config
-from limoe.export import ImageEncoder, _set_moe_op, _with_config, batch_independence, export_onnx
+from limoe.export import ImageEncoder, batch_independence, export_onnx
 from limoe.model import LIMoE
 from limoe.quantize import quantize
 
@@ -45,11 +45,11 @@ def images_per_second(session: ort.InferenceSession, images: np.ndarray, iters: 
 
 def build_graphs(model: LIMoE, work: Path, calibration: np.ndarray) -> dict[str, Path]:
     """Export every variant's image encoder in fp32 and int8; returns {"<variant> <precision>": path}."""
-    variants = {"dropless": _with_config(model, inference_routing="dropless"),
-                "dropless-fused": _with_config(model, inference_routing="dropless"),
-                "capacity": _with_config(model, inference_routing="capacity", eval_capacity_factor=1.0),
+    variants = {"dropless": model.with_config(inference_routing="dropless"),
+                "dropless-fused": model.with_config(inference_routing="dropless"),
+                "capacity": model.with_config(inference_routing="capacity", eval_capacity_factor=1.0),
                 "dense": LIMoE(dense_counterpart(model.cfg)).eval()}
-    _set_moe_op(variants["dropless-fused"], "fused")
+    variants["dropless-fused"].set_moe_op("fused")
     example = torch.from_numpy(calibration[:2])
     graphs = {}
     for name, m in variants.items():

@@ -48,11 +48,11 @@ class Encoders:
         import torch
 
         from limoe.checkpoint import load_checkpoint, read_tokenizer
-        from limoe.export import ImageEncoder, TextEncoder, _with_config
+        from limoe.export import ImageEncoder, TextEncoder
 
         model, _ = load_checkpoint(path)
         if config_changes:
-            model = _with_config(model, **config_changes)
+            model = model.with_config(**config_changes)
         tokenizer = read_tokenizer(path)
         if tokenizer is None:
             raise ValueError(f"{path} holds no tokenizer")

@@ -40,7 +40,7 @@ from limoe.checkpoint import load_checkpoint, read_tokenizer
 from limoe.model import LIMoE
 from limoe.model_card import render_model_card
 from limoe.model_store import FORMAT, MANIFEST, Manifest, ModelStore, check_identifier, file_record, verify
-from limoe.moe import MoELayer, RoutingInfo, fused_moe_onnx
+from limoe.moe import RoutingInfo, fused_moe_onnx
 from limoe.preprocess import PreprocessConfig
 from limoe.quantize import DEFAULT_SCHEME, DESCRIPTIONS, EXPORT_SCHEMES, batches
 from limoe.quantize import quantize as quantize_graph
@@ -330,19 +330,6 @@ def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, ca
     return verify(entry)
 
 
-def _set_moe_op(model: LIMoE, op: str) -> None:
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.moe_op = op
-
-
-def _with_config(model: LIMoE, **changes: Any) -> LIMoE:
-    """The same weights under a changed config (e.g. another inference routing)."""
-    other = LIMoE(model.cfg.replace(**changes))
-    other.load_state_dict(model.state_dict())
-    return other.eval()
-
-
 def export_entry(
     checkpoint: str | Path,
     store: str | Path,
@@ -393,7 +380,7 @@ def export_entry(
     started = time.perf_counter()
     model, extra = load_checkpoint(checkpoint)
     if inference_routing is not None and inference_routing != model.cfg.inference_routing:
-        model = _with_config(model, inference_routing=inference_routing)
+        model = model.with_config(inference_routing=inference_routing)
     if moe_op not in ("standard", "fused"):
         raise ValueError(f"moe_op must be 'standard' or 'fused', not {moe_op!r}")
     if moe_op == "fused" and (model.cfg.inference_routing != "dropless" or model.cfg.renormalize_gates):
@@ -412,10 +399,10 @@ def export_entry(
         images, tokens = example_inputs(model)
         roles = {"image_onnx": "image_encoder.onnx", "text_onnx": "text_encoder.onnx",
                  "tokenizer": "tokenizer.json"}
-        _set_moe_op(model, moe_op)
+        model.set_moe_op(moe_op)
         export_onnx(ImageEncoder(model), images, "images", tmp / roles["image_onnx"], opset)
         export_onnx(TextEncoder(model), tokens, "tokens", tmp / roles["text_onnx"], opset)
-        _set_moe_op(model, "standard")
+        model.set_moe_op("standard")
         if "torchscript" in formats:
             roles["torchscript"] = "encoders.torchscript.pt"
             export_torchscript(model, images, tokens, tmp / roles["torchscript"])

@@ -141,6 +141,22 @@ class LIMoE(nn.Module):
         nn.init.normal_(self.image_pos, std=0.02)
         nn.init.normal_(self.text_pos, std=0.02)
 
+    def with_config(self, **changes) -> "LIMoE":
+        """The same weights under a changed config, in eval mode: for inference-time fields such
+        as inference_routing or eval_capacity_factor."""
+        other = LIMoE(self.cfg.replace(**changes))
+        other.load_state_dict(self.state_dict())
+        return other.eval()
+
+    def set_moe_op(self, op: str) -> None:
+        """How dropless MoE layers are written when exported: "standard" ONNX ops or "fused"
+        (ONNX Runtime's com.microsoft.MoE, see limoe.moe.fused_moe)."""
+        if op not in ("standard", "fused"):
+            raise ValueError(f"moe op must be 'standard' or 'fused', not {op!r}")
+        for m in self.modules():
+            if isinstance(m, MoELayer):
+                m.moe_op = op
+
     # -- the tower -----------------------------------------------------------------------------
     def _encode_tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, list[RoutingInfo]]:
         """(B, T, D) -> (B, T, D) through every block, collecting each MoE layer's routing."""
