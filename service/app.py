@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -38,6 +39,7 @@ log = logging.getLogger("limoe.service")
 
 HEALTH_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
 OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+DOCS_ASSETS = "/docs/assets"  # Swagger UI and ReDoc files, served from the fastapi-offline package (no CDN)
 
 
 class Gatekeeper:
@@ -48,7 +50,7 @@ class Gatekeeper:
 
     def _needs_key(self, path: str) -> bool:
         s = self.settings
-        if not s.api_keys or path in OPEN_PATHS:
+        if not s.api_keys or path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/"):
             return False
         if path in HEALTH_PATHS:
             return s.protect_health
@@ -102,7 +104,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             warm.cancel()
             await engine.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # a FastAPI app whose /docs and /redoc load their assets from this server
+        static_url=DOCS_ASSETS,
         title="LIMoE Serve",
         version=limoe.__version__,
         description="Zero-shot image classification with LIMoE, the Language-Image Mixture of Experts. "

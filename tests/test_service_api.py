@@ -311,3 +311,23 @@ def test_what_never_reaches_the_app_gets_json_with_either_parser(protocol):
         status, body = exchange((host, int(port)), b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         assert status == b"HTTP/1.1 408 Request Timeout" and body["code"] == "header_timeout"
         assert httpx.get(base + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_every_asset_from_the_server_itself(page):
+    """/docs and /redoc work on an offline cluster: every script, stylesheet and icon they name is
+    served by this server (from the fastapi-offline package), none from a CDN, also with API keys."""
+    import re
+
+    app = create_app(settings(api_keys="secret"), backend=FakeBackend())
+    with uvicorn_thread(app) as base:
+        html = httpx.get(f"{base}{page}", timeout=10)
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        urls = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]""", html.text)
+        urls += re.findall(r"""url:\s*['"]([^'"]+)['"]""", html.text)  # Swagger UI's spec URL
+        assert urls and not [u for u in urls if "://" in u or u.startswith("//")], urls
+        assets = [u for u in urls if u.startswith("/docs/assets/")]
+        assert any(u.endswith(".js") for u in assets)
+        for url in set(urls):
+            r = httpx.get(f"{base}{url}", timeout=10)
+            assert r.status_code == 200 and len(r.content) > 0, url
