@@ -37,9 +37,12 @@ def default_eval_sets(enc, cache: str | Path | None = None, limit: int = 2000, s
         idx.sort()
         items = [ds.items[i] for i in idx]
         pixels = np.stack([ds[int(i)]["pixels"] for i in idx])
-        groups = [it["category"] for it in items] if all(it.get("category") for it in items) else None
+        # Emoji compete within their Unicode category too (the issue's "among all labels of an
+        # emoji's category"); an emoji without one forms its own group "other".
+        groups = ([it["extras"].get("category") or "other" for it in items] if source.startswith("emoji")
+                  else None)
         sets.append(EvalSet(name, pixels, [it["label"] for it in items], [it["captions"][0] for it in items],
-                            groups=groups if source.startswith("emoji") else None))
+                            groups=groups))
     if not sets:
         raise ValueError(f"no prepared evaluation data in {cache or 'the default cache'}; run `limoe data prepare`")
     return sets
