@@ -13,23 +13,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint
 from limoe.cli import main as cli
 from limoe.export import ImageEncoder, TextEncoder, example_inputs, export_entry, onnx_agreement
-
-
-def images_per_second(session: ort.InferenceSession, images: np.ndarray, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        session.run(None, {"images": images})
-    return iters * len(images) / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,25 +22,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint
 from limoe.config import dense_counterpart, get_config
 from limoe.export import ImageEncoder, batch_independence, export_onnx
 from limoe.model import LIMoE
 from limoe.quantize import quantize
-
-
-def images_per_second(session: ort.InferenceSession, images: np.ndarray, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        session.run(None, {"images": images})
-    return iters * len(images) / (time.perf_counter() - start)
 
 
 def build_graphs(model: LIMoE, work: Path, calibration: np.ndarray) -> dict[str, Path]:

@@ -24,12 +24,12 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint, read_tokenizer
 from limoe.evaluate import Encoders, n_way_accuracy, topk_accuracy
 from limoe.evaluate_sets import default_eval_sets
@@ -48,13 +48,6 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def _encode(session: ort.InferenceSession, name: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def images_per_second(session: ort.InferenceSession, images: np.ndarray, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        session.run(None, {"images": images})
-    return iters * len(images) / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:

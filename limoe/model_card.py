@@ -67,7 +67,10 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
     if not training or "train" not in training:
         return []
     t = training["train"]
-    preset = next((n for n, c in PRESETS.items() if c.to_dict() == manifest["config"]), None)
+    from limoe.config import LIMoEConfig
+
+    cfg = LIMoEConfig.from_dict(manifest["config"]).to_dict()  # fields added later take their defaults
+    preset = next((n for n, c in PRESETS.items() if c.to_dict() == cfg), None)
     roles = manifest.get("roles", {})
     formats = [f for f, role in (("onnx", "image_onnx"), ("torchscript", "torchscript"), ("int8", "image_onnx_int8"))
                if role in roles]
@@ -76,7 +79,8 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
              f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}")
     lines = ["", "Reproduce (same data, seed and batches; floating-point results vary slightly across machines):", "",
              "```bash", "limoe data prepare", train,
-             f"limoe export run/model.safetensors --name {manifest['name']} --formats {','.join(formats)}",
+             f"limoe export run/model.safetensors --name {manifest['name']} --formats {','.join(formats)}"
+             + (f" --calibration-data {training['data']}" if "int8" in formats and training.get("data") else ""),
              f"limoe eval model_store/{manifest['name']}/{manifest['version']}", "```"]
     if preset is None:
         lines.insert(1, "The config is no preset: pass the fields that differ (see `config` in the manifest) "

@@ -43,15 +43,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from limoe.data.emoji import EMOJIBASE, PACKAGES, SKIN_TONES, emoji_captions, emojibase_index, normalize_code
 from limoe.data.format import TEST_FRACTION, VAL_FRACTION, SourceWriter, is_built, read_meta, split_for
-from limoe.data.iconify import Icon, IconSet, iter_icons, load_icon_sets, safe_file_name
+from limoe.data.iconify import Icon, IconSet, iter_icons, load_icon_sets
 from limoe.data.iconify_sets import EMOJI_SETS
 from limoe.data.licenses import licenses_for
 from limoe.data.npm import fetch_packages, read_tar_member
-from limoe.data.render import SIZE, Look, Renderer, look_for, renderer_version
+from limoe.data.render import SIZE, Look, look_for, renderer_version, write_rendered
 
 NAME = "emoji_art"
 STYLES = tuple(EMOJI_SETS)
@@ -268,15 +266,8 @@ def prepare_emoji_art(cache: str | Path, force: bool = False, styles: Iterable[s
             + (", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) or "none"))
     del sets
 
-    with SourceWriter(cache, NAME, params) as writer, Renderer(workers) as renderer:
-        files: set[str] = set()
-        pngs = renderer.map((icon, look) for _, icon, look in plan)
-        for (item, _, _), png in zip(tqdm(plan, desc=NAME, unit="img"), pngs):
-            name = f"images/{item['style']}/{safe_file_name(item['icon'])}.png"
-            while name in files:
-                name = name[:-4] + "_.png"
-            files.add(name)
-            writer.add(item, png, name)
+    with SourceWriter(cache, NAME, params) as writer:
+        write_rendered(writer, plan, workers, NAME)
         return writer.finish(licenses=licenses_for(NAME, styles), downloads=downloads, sets=per_set,
                              description="Openly licensed emoji art styles (Iconify SVG), CLDR labels by code point",
                              holdout={"styles": holdout_styles,

@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 from limoe.data.emoji import EMOJIBASE, emojibase_index, normalize_code
 from limoe.data.emoji_art import slug
 from limoe.data.format import TEST_FRACTION, VAL_FRACTION, SourceWriter, is_built, read_meta, split_for
-from limoe.data.iconify import Icon, IconSet, iter_icons, load_icon_sets, safe_file_name, split_variant
+from limoe.data.iconify import Icon, IconSet, iter_icons, load_icon_sets, split_variant
 from limoe.data.iconify_sets import FLAG_SETS, ICON_SETS
 from limoe.data.licenses import licenses_for
 from limoe.data.npm import fetch_packages, read_tar_member
-from limoe.data.render import SIZE, Look, Renderer, look_for, renderer_version
+from limoe.data.render import SIZE, Look, look_for, renderer_version, write_rendered
 
 NAME = "iconsets"
 SETS = tuple(ICON_SETS)
@@ -232,15 +232,8 @@ def prepare_iconsets(cache: str | Path, force: bool = False, sets: Iterable[str]
                            "skipped": skipped}
     log(f"{NAME}: {len(plan)} icons from {len(sets)} sets")
 
-    with SourceWriter(cache, NAME, params) as writer, Renderer(workers) as renderer:
-        files: set[str] = set()
-        pngs = renderer.map((icon, look) for _, icon, look in plan)
-        for (item, _, _), png in zip(tqdm(plan, desc=NAME, unit="img"), pngs):
-            name = f"images/{item['style']}/{safe_file_name(item['icon'])}.png"
-            while name in files:
-                name = name[:-4] + "_.png"
-            files.add(name)
-            writer.add(item, png, name)
+    with SourceWriter(cache, NAME, params) as writer:
+        write_rendered(writer, plan, workers, NAME)
         return writer.finish(licenses=licenses_for(NAME, sets), downloads=downloads, sets=per_set,
                              description="Openly licensed Iconify icon sets rendered from SVG, captions from names, "
                                          "variants, categories and aliases; flags named by country",

@@ -159,6 +159,24 @@ class Renderer:
         return self.pool.imap(_render_task, tasks, self.chunksize)
 
 
+def write_rendered(writer, plan: list, workers: int | None, desc: str) -> None:
+    """Render every (item, icon, look) of `plan` and add it to a SourceWriter as
+    images/<style>/<icon>.png, in plan order (a repeated file name gets a "_" suffix)."""
+    from tqdm.auto import tqdm
+
+    from limoe.data.iconify import safe_file_name
+
+    files: set[str] = set()
+    with Renderer(workers) as renderer:
+        pngs = renderer.map((icon, look) for _, icon, look in plan)
+        for (item, _, _), png in zip(tqdm(plan, desc=desc, unit="img"), pngs):
+            name = f"images/{item['style']}/{safe_file_name(item['icon'])}.png"
+            while name in files:
+                name = name[:-4] + "_.png"
+            files.add(name)
+            writer.add(item, png, name)
+
+
 def renderer_version() -> str:
     """The installed resvg-py version (recorded in SOURCE.json; part of what decides the pixels)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -170,6 +188,7 @@ def renderer_version() -> str:
 
 
 __all__ = [
+    "write_rendered",
     "BACKGROUNDS",
     "BLACK_SHARE",
     "ICON_COLOURS",
