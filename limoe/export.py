@@ -282,6 +282,18 @@ def _libraries() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
+def _commit_entry(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest into the finished temporary entry, verify it, and swap it into place
+    (an existing entry is renamed away first and deleted after), so readers never see half."""
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    verify(tmp)
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, cache: str | Path | None = None,
                       count: int = 256) -> Manifest:
     """Give an existing entry's dynamic int8 graphs fixed activation scales (limoe.quantize.
@@ -318,12 +330,7 @@ def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, ca
             (tmp / roles["model_card"]).write_text(
                 render_model_card(data, data.get("training"), data.get("stats")), encoding="utf-8")
         data["files"] = {f: file_record(tmp / f) for f in data["files"]}
-        (tmp / MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        verify(tmp)
-        old = entry.parent / f".old-{entry.name}-{os.getpid()}"
-        entry.rename(old)
-        tmp.rename(entry)
-        shutil.rmtree(old)
+        _commit_entry(tmp, entry, data)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -474,11 +481,7 @@ def export_entry(
             render_model_card(manifest, manifest.get("training"), manifest["stats"]), encoding="utf-8")
         manifest["files"] = {f: file_record(tmp / f) for f in sorted(roles.values())}
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        verify(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        _commit_entry(tmp, final, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

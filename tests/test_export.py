@@ -312,3 +312,27 @@ def test_freezing_dynamic_int8_makes_it_batch_independent(exported, tmp_path):
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0]  # noqa: E731
     ref = _eager(model, images=images)[0]
     assert (run(frozen)[1:] * ref[1:]).sum(-1).min() > 0.98  # within the calibrated range: close to fp32
+
+
+def test_freeze_int8_command_rewrites_an_entry_in_place(exported, tmp_path, monkeypatch, capsys):
+    """`limoe freeze-int8 ENTRY` on an entry with dynamic int8 graphs (made here as the old
+    exporter did): afterwards it verifies, records the freezing, and answers batch-independently."""
+    import limoe.export
+    from limoe.export import batch_independence, export_entry
+    from limoe.quantize import SCHEMES
+
+    model, _, _, ckpt = exported
+    monkeypatch.setattr(limoe.export, "EXPORT_SCHEMES", SCHEMES)  # the old exporter's dynamic int8
+    export_entry(ckpt, tmp_path / "store", "old", formats=["int8"], int8_scheme="dynamic")
+    entry = tmp_path / "store" / "old" / "1"
+    images, _ = random_batch(model.cfg, 5, seed=6)
+    images[0] *= 4
+    assert batch_independence(entry / "image_encoder.int8.onnx", {"images": images.numpy()}) > 1e-4
+    assert main(["freeze-int8", str(entry)]) == 0
+    assert "DynamicQuantizeLinear nodes" in capsys.readouterr().out
+    m = json.loads((entry / "manifest.json").read_text())
+    assert m["quantization"]["int8"]["scheme"] == "static-frozen"
+    assert min(m["quantization"]["int8"]["frozen_nodes"].values()) > 0
+    assert batch_independence(entry / "image_encoder.int8.onnx", {"images": images.numpy()}) <= 1e-6
+    assert OnnxEncoders.from_entry(entry).quantized  # verifies and loads
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["1"]  # no temporary or old copy left behind
