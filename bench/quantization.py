@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint, read_tokenizer
-from limoe.evaluate import Encoders, n_way_accuracy, topk_accuracy
+from limoe.evaluate import Encoders, encode_batched, n_way_accuracy, topk_accuracy
 from limoe.evaluate_sets import default_eval_sets
 from limoe.export import ImageEncoder, TextEncoder, batch_independence, calibration_inputs, example_inputs, export_onnx
 from limoe.preprocess import PreprocessConfig
@@ -46,8 +46,9 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _encode(session: ort.InferenceSession, name: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+def _encode(session: ort.InferenceSession, name: str, x: np.ndarray) -> np.ndarray:
+    """Embeddings of `x`, in evaluation's batches."""
+    return encode_batched(lambda b: tuple(session.run(None, {name: b})), x)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

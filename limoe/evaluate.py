@@ -81,7 +81,7 @@ class Encoders:
                    moe["num_experts"], enc.preprocess)
 
 
-def _batched(fn: Encode, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_batched(fn: Encode, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = [fn(x[i:i + batch]) for i in range(0, len(x), batch)]
     return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
 
@@ -180,9 +180,9 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
     for s in sets:
         classes = sorted(set(s.labels))
         targets = np.array([classes.index(label) for label in s.labels])
-        img_emb, img_idx, img_drop = _batched(enc.encode_images, s.pixels)
+        img_emb, img_idx, img_drop = encode_batched(enc.encode_images, s.pixels)
         routing_images.append((img_idx, img_drop))
-        w = build_zero_shot_classifier(lambda ids: _batched(enc.encode_tokens, ids)[0], enc.tokenizer, classes,
+        w = build_zero_shot_classifier(lambda ids: encode_batched(enc.encode_tokens, ids)[0], enc.tokenizer, classes,
                                        templates)
         scores = img_emb @ w  # (N, C)
         results["zero_shot"][s.name] = {**topk_accuracy(scores, targets), "top1_of_10": n_way_accuracy(scores, targets),
@@ -192,7 +192,7 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
             results["zero_shot"][s.name].update(top1_in_group=top1, classes_per_group=round(per_group, 1))
         if s.captions:
             n = min(max_retrieval, len(s.captions))
-            txt_emb, txt_idx, txt_drop = _batched(enc.encode_tokens, enc.tokenizer.encode(s.captions[:n]))
+            txt_emb, txt_idx, txt_drop = encode_batched(enc.encode_tokens, enc.tokenizer.encode(s.captions[:n]))
             routing_texts.append((txt_idx, txt_drop))
             results["retrieval"][s.name] = {**retrieval_recall(img_emb[:n], txt_emb), "pairs": n}
     if enc.moe_layers and routing_images:

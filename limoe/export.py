@@ -419,8 +419,9 @@ def export_entry(
         if "int8" in formats:
             cal_images, cal_tokens, cal_record = calibration_inputs(cfg, tokenizer, calibration_data,
                                                                     calibration_cache, calibration_count)
-            check_images, check_tokens = example_inputs(model, batch=32, seed=1)
-            if calibration_data is not None:  # check on real inputs too: the calibrated range
+            if calibration_data is None:
+                check_images, check_tokens = example_inputs(model, batch=32, seed=1)
+            else:  # check on real inputs: the range the scales were calibrated for
                 check_images, check_tokens = torch.from_numpy(cal_images[:32]), torch.from_numpy(cal_tokens[:32])
             quantization = {"scheme": int8_scheme, "description": DESCRIPTIONS[int8_scheme],
                             "calibration": cal_record}

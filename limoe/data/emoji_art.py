@@ -161,11 +161,10 @@ def map_icons(icon_set: IconSet, names: EmojiNames, cldr_index: dict[str, dict[s
         if icon.animated:
             skipped["animated"] += 1
             continue
-        picture = (icon.body, icon.left, icon.top, icon.width, icon.height, icon.rotate, icon.h_flip, icon.v_flip)
-        if picture in seen:
+        if icon.picture in seen:
             skipped["duplicate picture"] += 1
             continue
-        seen.add(picture)
+        seen.add(icon.picture)
         out.append((icon, code, how))
     return out, dict(skipped)
 

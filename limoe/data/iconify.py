@@ -81,6 +81,11 @@ class Icon:
     parent: str | None = None  # for an alias: the icon it points at (after following chains)
 
     @property
+    def picture(self) -> tuple:
+        """What decides the rendered pixels: two icons with the same picture look the same."""
+        return (self.body, self.left, self.top, self.width, self.height, self.rotate, self.h_flip, self.v_flip)
+
+    @property
     def monochrome(self) -> bool:
         """Drawn in `currentColor` (the colour the page gives it): colourised when rendered."""
         return bool(_CURRENT_COLOR.search(self.body))

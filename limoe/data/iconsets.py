@@ -148,8 +148,7 @@ def plan_set(icon_set: IconSet, flags: tuple[dict[str, tuple[str, str]], dict[st
         if "<text" in icon.body:
             skipped["text (needs fonts)"] += 1
             continue
-        picture = (icon.body, icon.left, icon.top, icon.width, icon.height, icon.rotate, icon.h_flip, icon.v_flip)
-        if picture in seen:
+        if icon.picture in seen:
             skipped["duplicate picture"] += 1
             continue
         base, variant = split_variant(icon.name, icon_set.prefixes, icon_set.suffixes,
@@ -183,7 +182,7 @@ def plan_set(icon_set: IconSet, flags: tuple[dict[str, tuple[str, str]], dict[st
             captions = icon_captions(label, variant, category, other, look.colour)
             item = {**common, "captions": captions, "label": label, "split": split_for(f"icons:{base}", val, test),
                     "concept": base, "variant": variant, "category": category, "aliases": names}
-        seen.add(picture)
+        seen.add(icon.picture)
         out.append((item, icon, look))
     return out, dict(skipped)
 
