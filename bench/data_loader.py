@@ -54,7 +54,7 @@ def loader_rate(ds, tokenizer, batch: int, steps: int, workers: int, seed: int =
         load_batch(ds, sampler.indices(10_000), seed, 10_000, tokenizer, pool)  # warm-up (page cache, threads)
         t0 = time.perf_counter()
         for step in range(steps):
-            pixels, tokens = load_batch(ds, sampler.indices(step), seed, step, tokenizer, pool)
+            pixels, tokens, _ = load_batch(ds, sampler.indices(step), seed, step, tokenizer, pool)
             assert pixels.shape[0] == tokens.shape[0] == batch
         return steps * batch / (time.perf_counter() - t0)
     finally:

@@ -16,13 +16,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint
 from limoe.cli import main as cli
-from limoe.export import ImageEncoder, TextEncoder, example_inputs, export_entry, onnx_agreement
+from limoe.encoders import TorchEncoders
+from limoe.export import ImageEncoder, TextEncoder, agreement, example_inputs, export_entry
+from limoe.onnx_encoder import OnnxEncoders, OnnxGraph
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,27 +38,23 @@ def main(argv: list[str] | None = None) -> None:
 
     manifest = export_entry(ckpt, work / "store", "small", quantize="int8")
     print(f"export (ONNX x2, TorchScript, int8 x2, checks): {manifest.data['export_seconds']:.1f} s")
-    for file, record in manifest.data["files"].items():
-        print(f"  {file:26s} {record['size'] / 1e6:7.2f} MB")
+    for file, record in manifest.files.items():
+        print(f"  {file:26s} {record.size / 1e6:7.2f} MB")
 
     model, _ = load_checkpoint(ckpt)
-    ts = torch.jit.load(str(manifest.file("torchscript")))
-    sessions = {k: ort.InferenceSession(str(manifest.file(k)), providers=["CPUExecutionProvider"])
-                for k in ("image_onnx", "text_onnx", "image_onnx_int8")}
+    pairs = {"onnx": OnnxEncoders(manifest), "torchscript": TorchEncoders.from_entry(manifest, "cpu")}
     for batch in (1, 3, 17):
         images, tokens = example_inputs(model, batch=batch, seed=batch)
         with torch.no_grad():
             ref = {"image": [t.numpy() for t in ImageEncoder(model)(images)],
                    "text": [t.numpy() for t in TextEncoder(model)(tokens)]}
-            got_ts = {"image": [t.numpy() for t in ts.encode_image(images)],
-                      "text": [t.numpy() for t in ts.encode_text(tokens)]}
-        got_onnx = {"image": sessions["image_onnx"].run(None, {"images": images.numpy()}),
-                    "text": sessions["text_onnx"].run(None, {"tokens": tokens.numpy()})}
+        got = {backend: {"image": enc.encode_images(images.numpy()), "text": enc.encode_tokens(tokens.numpy())}
+               for backend, enc in pairs.items()}
         for modality in ("image", "text"):
             r = ref[modality]
             line = []
-            for backend, got in (("onnx", got_onnx), ("torchscript", got_ts)):
-                g = got[modality]
+            for backend in pairs:
+                g = got[backend][modality]
                 err = float(np.abs(g[0] - r[0]).max())
                 same = bool((g[1] == r[1]).all() and (g[2] == r[2]).all())
                 line.append(f"{backend} max|diff| {err:.2e}, experts equal {same}")
@@ -65,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
 
     images, _ = example_inputs(model, batch=32, seed=7)
     x = images.numpy()
-    fp32, int8 = sessions["image_onnx"], sessions["image_onnx_int8"]
+    graphs = {"fp32": pairs["onnx"].image, "int8": OnnxGraph(manifest.file("image_onnx_int8"))}
+    fp32, int8 = graphs["fp32"].session, graphs["int8"].session
     for s in (fp32, int8):
         images_per_second(s, x, 2)
     rates = {"fp32": [], "int8": []}
@@ -73,10 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         rates["fp32"].append(images_per_second(fp32, x, 5))
         rates["int8"].append(images_per_second(int8, x, 5))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    agreement = onnx_agreement(manifest.file("image_onnx"), manifest.file("image_onnx_int8"), {"images": x})
+    close = agreement(graphs["fp32"], graphs["int8"], x)
     print(f"image encoder, batch 32, ONNX Runtime CPU: fp32 {med['fp32']:.1f} images/s, int8 {med['int8']:.1f} images/s")
-    print(f"int8 agreement on these 32 images: cosine mean {agreement['embedding_cosine_mean']:.5f}, "
-          f"min {agreement['embedding_cosine_min']:.5f}, same experts {agreement['expert_choice_agreement']:.2%}")
+    print(f"int8 agreement on these 32 images: cosine mean {close['embedding_cosine_mean']:.5f}, "
+          f"min {close['embedding_cosine_min']:.5f}, same experts {close['expert_choice_agreement']:.2%}")
     print(f"ratio int8/fp32 images/s: {med['int8'] / med['fp32']:.2f}")
 
 

@@ -30,25 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from _common import (
-    LABELS,
-    Server,
-    bench_parser,
-    close_clients,
-    closed_loop,
-    diff,
-    encode_body,
-    ensure_store,
-    listing,
-    load_encoders,
-    log,
-    machine_load,
-    new_clients,
-    percentile,
-    png_images,
-    run_async,
-    threads_label,
-)
+from _common import bench_parser, ensure_store, listing, load_encoders, log, machine_load, threads_label
+from _load import close_clients, closed_loop, diff, image_metrics, new_clients, percentile, run_async
+from _payloads import LABELS, encode_body, png_images
+from _server import Server
 
 from limoe.preprocess import open_image, preprocess_image
 
@@ -138,9 +123,9 @@ async def measure(args, server: Server, bodies, enc, requests):
                     raws.append(raw_round(enc, requests, args.duration))
                     log(f"round {rnd + 1}/{args.rounds} raw: {raws[-1]['rate']:.1f} images/s")
                     continue
-                cpu0, m0 = server.cpu(), server.metrics()
+                cpu0, m0 = server.cpu(), image_metrics(server.base)
                 load = await closed_loop(clients, url, bodies, args.duration, args.max_requests)
-                cpu1, m1 = server.cpu(), server.metrics()
+                cpu1, m1 = server.cpu(), image_metrics(server.base)
                 rs.append({"rate": load.rate() * args.batch, "ok": load.ok, "failed": load.failed,
                            "cpu": diff(cpu1, cpu0), "metrics": diff(m1, m0), "client_cpu": load.client_cpu,
                            "latencies": load.latencies})

@@ -31,8 +31,10 @@ import torch
 from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint
 from limoe.config import dense_counterpart, get_config
-from limoe.export import ImageEncoder, batch_independence, export_onnx
+from limoe.encoders import batch_independence
+from limoe.export import ImageEncoder, export_onnx
 from limoe.model import LIMoE
+from limoe.onnx_encoder import OnnxGraph
 from limoe.quantize import quantize
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{ort.__version__}, {args.threads or 'default'} threads, median of {args.rounds} interleaved rounds")
     print(f"capacity 1.0 drops {dropped.mean():.1%} of token choices on these inputs; dropless drops none")
     print("batch of 5 vs each alone, max |diff| over all outputs: " +
-          ", ".join(f"{k} {batch_independence(graphs[k], {'images': probe}):.1e}" for k in graphs))
+          ", ".join(f"{k} {batch_independence(OnnxGraph(graphs[k]), probe):.1e}" for k in graphs))
 
     rates: dict[tuple[str, int], float] = {}
     for batch in (1, 32):

@@ -31,24 +31,16 @@ import onnxruntime as ort
 
 from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint, read_tokenizer
-from limoe.evaluate import Encoders, encode_batched, n_way_accuracy, topk_accuracy
+from limoe.encoders import TorchEncoders, batch_independence
+from limoe.evaluate import encode_batched, n_way_accuracy, topk_accuracy
 from limoe.evaluate_sets import default_eval_sets
-from limoe.export import ImageEncoder, TextEncoder, batch_independence, calibration_inputs, example_inputs, export_onnx
-from limoe.preprocess import PreprocessConfig
+from limoe.export import ImageEncoder, TextEncoder, calibration_inputs, example_inputs, export_onnx
+from limoe.onnx_encoder import OnnxGraph
 from limoe.quantize import SCHEMES, batches, quantize
 from limoe.templates import DEFAULT_TEMPLATES
 from limoe.zeroshot import build_zero_shot_classifier
 
 CANDIDATES = ("fp32", *SCHEMES)
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _encode(session: ort.InferenceSession, name: str, x: np.ndarray) -> np.ndarray:
-    """Embeddings of `x`, in evaluation's batches."""
-    return encode_batched(lambda b: tuple(session.run(None, {name: b})), x)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,21 +69,19 @@ def main(argv: list[str] | None = None) -> None:
         quantize(paths["fp32"][0], pair[0], scheme, [{"images": b} for b in batches(cal_images, 32)])
         quantize(paths["fp32"][1], pair[1], scheme, [{"tokens": b} for b in batches(cal_tokens, 32)])
         paths[scheme] = pair
-    sessions = {k: (_session(i), _session(t)) for k, (i, t) in paths.items()}
+    graphs = {k: (OnnxGraph(i), OnnxGraph(t)) for k, (i, t) in paths.items()}
 
-    probe = Encoders(lambda x: tuple(sessions["fp32"][0].run(None, {"images": x})),
-                     lambda x: tuple(sessions["fp32"][1].run(None, {"tokens": x})), tokenizer,
-                     list(cfg.moe_layer_ids), cfg.num_experts, PreprocessConfig.from_model_config(cfg))
-    sets = default_eval_sets(probe, cache=args.cache, limit=args.limit)
+    sets = default_eval_sets(TorchEncoders.from_model(model, tokenizer), cache=args.cache, limit=args.limit)
     report: dict[str, dict] = {k: {"sets": {}} for k in CANDIDATES}
     reference: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in sets:
         classes = sorted(set(s.labels))
         targets = np.array([classes.index(label) for label in s.labels])
         for k in CANDIDATES:
-            img, txt = sessions[k]
-            emb = _encode(img, "images", s.pixels)
-            w = build_zero_shot_classifier(lambda ids: _encode(txt, "tokens", ids), tokenizer, classes, DEFAULT_TEMPLATES)
+            img, txt = graphs[k]
+            emb = encode_batched(img, s.pixels).embeddings
+            w = build_zero_shot_classifier(lambda ids: encode_batched(txt, ids).embeddings, tokenizer, classes,
+                                           DEFAULT_TEMPLATES)
             scores = emb @ w
             if k == "fp32":
                 reference[s.name] = (emb, scores.argmax(1))
@@ -110,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     speed: dict[tuple[str, int], list[float]] = {(k, b): [] for k in CANDIDATES for b in (1, 32)}
     for batch, iters in ((1, 40), (32, 4)):
         for k in CANDIDATES:
-            sessions[k][0].run(None, {"images": x32[:batch]})
+            graphs[k][0](x32[:batch])
         for _ in range(args.rounds):
             for k in CANDIDATES:
-                speed[(k, batch)].append(images_per_second(sessions[k][0], x32[:batch], iters))
+                speed[(k, batch)].append(images_per_second(graphs[k][0].session, x32[:batch], iters))
 
     for k in CANDIDATES:
         sets_ = report[k]["sets"].values()
@@ -123,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             "top1_agreement": float(np.mean([r["top1_agreement"] for r in sets_])),
             "mean_top1": float(np.mean([r["top1"] for r in sets_])),
             "mean_10way": float(np.mean([r["top1_of_10"] for r in sets_])),
-            "batch_dependence": max(batch_independence(paths[k][0], {"images": x32}),
-                                    batch_independence(paths[k][1], {"tokens": tokenizer.encode(sets[0].labels[:8])})),
+            "batch_dependence": max(batch_independence(graphs[k][0], x32),
+                                    batch_independence(graphs[k][1], tokenizer.encode(sets[0].labels[:8]))),
             "images_per_s_batch1": statistics.median(speed[(k, 1)]),
             "images_per_s_batch32": statistics.median(speed[(k, 32)]),
         })

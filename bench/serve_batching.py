@@ -32,26 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from _common import (
-    LABELS,
-    Server,
-    bench_parser,
-    close_clients,
-    closed_loop,
-    diff,
-    encode_body,
-    encoder_rate,
-    ensure_store,
-    listing,
-    load_encoders,
-    log,
-    machine_load,
-    new_clients,
-    percentile,
-    png_images,
-    run_async,
-    threads_label,
-)
+from _common import bench_parser, encoder_rate, ensure_store, listing, load_encoders, log, machine_load, threads_label
+from _load import close_clients, closed_loop, diff, image_metrics, new_clients, percentile, run_async
+from _payloads import LABELS, encode_body, png_images
+from _server import Server
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,9 +118,9 @@ async def measure(args, servers: dict[str, Server], bodies, enc) -> dict[str, li
         for rnd in range(args.rounds):
             for n in (order if rnd % 2 == 0 else order[::-1]):
                 s = servers[n]
-                cpu0, m0 = s.cpu(), s.metrics()
+                cpu0, m0 = s.cpu(), image_metrics(s.base)
                 load = await closed_loop(clients[n], s.base + url, bodies, args.duration, args.max_requests)
-                cpu1, m1 = s.cpu(), s.metrics()
+                cpu1, m1 = s.cpu(), image_metrics(s.base)
                 results[n].append({"rate": load.rate(), "ok": load.ok, "failed": load.failed,
                                    "cpu": diff(cpu1, cpu0), "metrics": diff(m1, m0),
                                    "client_cpu": load.client_cpu, "latencies": load.latencies})

@@ -31,26 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from _common import (
-    LABELS,
-    Load,
-    Server,
-    bench_parser,
-    close_clients,
-    closed_loop,
-    diff,
-    encode_body,
-    ensure_store,
-    listing,
-    log,
-    machine_load,
-    new_clients,
-    percentile,
-    png_images,
-    post,
-    run_async,
-    threads_label,
-)
+from _common import bench_parser, ensure_store, listing, log, machine_load, threads_label
+from _load import Load, close_clients, closed_loop, diff, image_metrics, new_clients, percentile, post, run_async
+from _payloads import LABELS, encode_body, png_images
+from _server import Server
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,10 +170,10 @@ async def measure(args, server: Server, bodies):
         sat = statistics.median(rounds)
         rate = args.fraction * sat
         log(f"open loop at {rate:.1f} req/s for {args.duration:g} s")
-        cpu0, m0 = server.cpu(), server.metrics()
+        cpu0, m0 = server.cpu(), image_metrics(server.base)
         open_load, sent, dropped, late = await open_loop(list(clients), url, bodies, rate, args.duration, args.drain,
                                                          args.max_outstanding, args.seed)
-        cpu1, m1 = server.cpu(), server.metrics()
+        cpu1, m1 = server.cpu(), image_metrics(server.base)
         return sat, rounds, open_load, rate, sent, dropped, late, diff(m1, m0), diff(cpu1, cpu0)
     finally:
         await close_clients(clients)

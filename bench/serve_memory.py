@@ -1,10 +1,10 @@
 """Memory under sustained load: the resident set of `limoe serve` on the shipped default model
-while clients send thousands of requests, read from the server's /proc/PID/status.
+while clients send thousands of requests, read with psutil.
 
     python bench/serve_memory.py [--requests 2000] [--clients 16] [--distinct-labels 10000]
                                  [--bulk-requests 30] [--big-requests 24] [--store DIR --model NAME]
 
-Phases, one after the other, with the resident set (VmRSS) sampled every 50 ms:
+Phases, one after the other, with the resident set (RSS) sampled every 50 ms:
   classify  --requests one-image /v1/classify requests, each with 5 labels drawn from
             --distinct-labels different ones (more than LIMOE_LABEL_CACHE_SIZE, so the label
             cache fills and evicts);
@@ -32,19 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
 import numpy as np
-from _common import (
-    Server,
-    bench_parser,
-    close_clients,
-    encode_body,
-    ensure_store,
-    log,
-    machine_load,
-    new_clients,
-    png_images,
-    run_async,
-    threads_label,
-)
+from _common import bench_parser, ensure_store, log, machine_load, threads_label
+from _load import close_clients, new_clients, run_async
+from _payloads import encode_body, png_images
+from _server import Server
 
 MIB = 1024 * 1024
 

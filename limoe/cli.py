@@ -62,14 +62,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 int8_scheme=args.int8_scheme, calibration_data=args.calibration_data,
                                 calibration_cache=args.cache, calibration_count=args.calibration_count,
                                 inference_routing=args.inference_routing, moe_op=args.moe_op,
-                                **({"opset": args.opset} if args.opset else {}))
+                                **({"opset": args.opset} if args.opset else {}),
+                                **({"templates": args.template} if args.template else {}))
     except (ModelStoreError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported {manifest.name} version {manifest.version} to {manifest.path} "
           f"in {manifest.data['export_seconds']:.1f}s")
-    for file, record in manifest.data["files"].items():
-        print(f"  {file:28s} {record['size'] / 1e6:8.2f} MB  sha256 {record['sha256'][:16]}")
+    for file, record in manifest.files.items():
+        print(f"  {file:28s} {record.size / 1e6:8.2f} MB  sha256 {record.sha256[:16]}")
     int8 = manifest.data["quantization"].get("int8", {})
     if int8:
         print(f"  int8: {int8['description']}; calibrated on {int8['calibration']['count']} "
@@ -102,36 +103,46 @@ def _cmd_freeze_int8(args: argparse.Namespace) -> int:
 DEFAULT_MIX = "emoji:2,icons:1,mnist:0.5,scenes:1"  # the shipped default's mix (docs/RESULTS.md)
 
 
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """`--set FIELD=VALUE` arguments as config overrides: a value that is JSON (a number, true,
+    false, a list) is parsed, anything else stays a string (moe_layers=every_2, moe_layers=1,3)."""
+    overrides = {}
+    for kv in pairs or []:
+        key, _, value = kv.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from limoe.config import dense_counterpart, get_config
     from limoe.data.dataset import MixDataset
     from limoe.preprocess import PreprocessConfig
     from limoe.tokenizer import Tokenizer
-    from limoe.train import TrainConfig, train
+    from limoe.train import TrainConfig, train, training_texts
 
-    overrides = {}
-    for kv in args.set or []:
-        key, _, value = kv.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" and value not in ("t", "f") else value
-    cfg = get_config(args.preset, **overrides)
+    cfg = get_config(args.preset, **parse_overrides(args.set))
     if args.dense:
         cfg = dense_counterpart(cfg)
     data = MixDataset(args.data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=args.cache,
                       seed=args.seed, return_captions=True)
+    recipe = {k: v for k, v in (("template_prob", args.template_prob), ("multi_positive", args.multi_positive))
+              if v is not None}
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                     seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers, **recipe)
     out = Path(args.out)
     tok_path = out / "tokenizer.json"
     if tok_path.exists():  # resuming: keep the vocabulary the weights were trained with
         tokenizer = Tokenizer.load(tok_path)
     else:
         # Deterministic, so every DDP rank trains the same one; rank 0 writes it (atomically).
-        tokenizer = Tokenizer.train((c for item in data.items for c in item["captions"]), cfg.vocab_size,
-                                    cfg.context_length)
+        tokenizer = Tokenizer.train(training_texts(data.items, tc.template_prob), cfg.vocab_size, cfg.context_length)
         if os.environ.get("RANK", "0") == "0":
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(tok_path.with_suffix(".tmp"))
             tok_path.with_suffix(".tmp").replace(tok_path)
-    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                     seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers)
     print(f"training {args.preset}{' (dense)' if args.dense else ''} on {len(data)} examples "
           f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
     meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
@@ -148,24 +159,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from limoe.evaluate import (PLOT_FILES, Encoders, evaluate, format_results, plot_expert_usage,
+    from limoe.encoders import TorchEncoders
+    from limoe.evaluate import (PLOT_FILES, evaluate, format_results, plot_expert_usage,
                                 plot_routing_maps, record_evaluation, with_capacity, write_results)
     from limoe.evaluate_sets import default_eval_sets
+    from limoe.onnx_encoder import OnnxEncoders
+    from limoe.templates import DEFAULT_TEMPLATES
 
     target = Path(args.target)
-    enc = Encoders.from_store_entry(target) if target.is_dir() else Encoders.from_checkpoint(target)
+    enc = OnnxEncoders.from_entry(target) if target.is_dir() else TorchEncoders.from_checkpoint(target)
     sets = default_eval_sets(enc, cache=args.cache, limit=args.limit)
-    results = evaluate(enc, sets)
+    # Prompt templates: --template, else an entry's own (its manifest), else the default prompts.
+    templates = tuple(args.template) if args.template else getattr(getattr(enc, "manifest", None), "templates",
+                                                                   None) or DEFAULT_TEMPLATES
+    results = {**evaluate(enc, sets, templates), "templates": list(templates)}
     if target.is_dir():  # an entry runs its own graphs; the checkpoint's capacity column carries over
         from limoe.model_store import read_manifest
 
         previous = read_manifest(target).data.get("evaluation") or {}
         if "capacity" in previous:
             results["capacity"] = previous["capacity"]
-    elif enc.moe_layers and args.capacity_factor > 0:  # the same weights at capacity routing, side by side
-        capacity = Encoders.from_checkpoint(target, inference_routing="capacity",
-                                            eval_capacity_factor=args.capacity_factor)
-        results = with_capacity(results, evaluate(capacity, sets), args.capacity_factor)
+    elif enc.moe.layers and args.capacity_factor > 0:  # the same weights at capacity routing, side by side
+        capacity = TorchEncoders.from_checkpoint(target, inference_routing="capacity",
+                                                 eval_capacity_factor=args.capacity_factor)
+        results = with_capacity(results, evaluate(capacity, sets, templates), args.capacity_factor)
     print(format_results(results))
     out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval.json"
     write_results(results, out)
@@ -177,7 +194,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         sample = np.concatenate([s.pixels[:2] for s in sets])[:8]  # a few images of every set
         p = enc.preprocess
         _, index, dropped = enc.encode_images(sample)
-        plot_routing_maps(sample, index, dropped, enc.moe_layers, enc.num_experts, p.mean, p.std,
+        plot_routing_maps(sample, index, dropped, enc.moe.layers, enc.moe.num_experts, p.mean, p.std,
                           plots / PLOT_FILES["plot_routing_maps"])
         print(f"wrote routing plots to {plots}")
     if not args.no_record:
@@ -234,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tokenizer", help="tokenizer.json, when the checkpoint holds none")
     export.add_argument("--opset", type=int, help="ONNX opset (default: limoe.export.DEFAULT_OPSET)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
+    export.add_argument("--template", action="append", metavar="TEMPLATE",
+                        help="the entry's default prompt template, '{}' marks the label; repeat for an ensemble "
+                             "(default: limoe.templates.DEFAULT_TEMPLATES)")
     export.set_defaults(func=_cmd_export)
 
     freeze = sub.add_parser("freeze-int8", help="fix the activation scales of an entry's dynamic int8 graphs "
@@ -259,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=2, help="threads decoding images")
     train.add_argument("--stop-at", type=int, help="end this run after that step (resume later)")
     train.add_argument("--dense", action="store_true", help="the dense model of equal active FLOPs")
+    train.add_argument("--template-prob", type=float,
+                       help="share of texts that are a zero-shot prompt template filled with the item's label "
+                            "(default: limoe.train.TrainConfig's)")
+    train.add_argument("--multi-positive", action=argparse.BooleanOptionalAction,
+                       help="pairs showing the same text are positives of each other in the contrastive loss "
+                            "(default: limoe.train.TrainConfig's)")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="override a config field, e.g. --set aux_loss=classic --set router_noise_std=0.125")
     train.set_defaults(func=_cmd_train)
@@ -270,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="results JSON (default: eval.json next to the target)")
     ev.add_argument("--plots", help="directory for routing plots (expert usage, per-patch routing maps); "
                                     "default for a store entry: the entry, listed in its manifest and card")
+    ev.add_argument("--template", action="append", metavar="TEMPLATE",
+                    help="prompt template, '{}' marks the label; repeat for an ensemble (default: a store entry's "
+                         "own templates, else limoe.templates.DEFAULT_TEMPLATES)")
     ev.add_argument("--capacity-factor", type=float, default=1.0,
                     help="a checkpoint is also evaluated with capacity routing at this inference capacity factor, "
                          "side by side with its dropless inference (0: skip)")

@@ -1,10 +1,8 @@
 """Evaluation: zero-shot classification, image-text retrieval and routing analysis.
 
-Everything works on an `Encoders` pair (numpy in, numpy out), so a torch checkpoint and an
-exported store entry (ONNX, no torch) are evaluated by the same code:
-
-    encode_images((B, 3, R, R) float32) -> (embeddings (B, P), expert_index (B, M, T, K), dropped)
-    encode_tokens((B, L) int64)         -> the same for texts
+Everything works on an encoder pair (limoe.encoders.Encoders: numpy in, EncoderOutput out), so
+a torch checkpoint (`TorchEncoders.from_checkpoint`) and an exported store entry
+(`OnnxEncoders.from_entry`, no torch) are evaluated by the same code.
 
 Routing analysis (the paper's Section 5): per MoE layer, each expert's share of image versus
 text tokens (normalised per modality, since images have more tokens than texts), the usage
@@ -18,72 +16,22 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from limoe.preprocess import PreprocessConfig
+from limoe.encoders import Encode, EncoderOutput, Encoders
 from limoe.routing_counts import expert_counts
 from limoe.templates import DEFAULT_TEMPLATES
-from limoe.tokenizer import Tokenizer
 from limoe.zeroshot import build_zero_shot_classifier
 
-Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 MODALITY_ONLY = 0.9  # an expert is "image-only" when >= 90% of its normalised load is image tokens
 
 
-@dataclass
-class Encoders:
-    encode_images: Encode
-    encode_tokens: Encode
-    tokenizer: Tokenizer
-    moe_layers: list[int]
-    num_experts: int
-    preprocess: PreprocessConfig
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **config_changes) -> "Encoders":
-        """`config_changes` override inference-time fields, e.g. inference_routing="capacity",
-        eval_capacity_factor=1.0 (the weights are the checkpoint's)."""
-        import torch
-
-        from limoe.checkpoint import load_checkpoint, read_tokenizer
-        from limoe.export import ImageEncoder, TextEncoder
-
-        model, _ = load_checkpoint(path)
-        if config_changes:
-            model = model.with_config(**config_changes)
-        tokenizer = read_tokenizer(path)
-        if tokenizer is None:
-            raise ValueError(f"{path} holds no tokenizer")
-        image, text = ImageEncoder(model).eval(), TextEncoder(model).eval()
-
-        def run(module):
-            def f(x: np.ndarray):
-                with torch.inference_mode():
-                    return tuple(t.numpy() for t in module(torch.from_numpy(x)))
-            return f
-
-        return cls(run(image), run(text), tokenizer, list(model.cfg.moe_layer_ids), model.cfg.num_experts,
-                   PreprocessConfig.from_model_config(model.cfg))
-
-    @classmethod
-    def from_store_entry(cls, path: str | Path) -> "Encoders":
-        from limoe.onnx_encoder import OnnxEncoders
-
-        enc = OnnxEncoders.from_entry(path)
-        moe = enc.manifest.data["moe"]
-
-        def unpack(f):
-            return lambda x: tuple(vars(f(x)).values())
-
-        return cls(unpack(enc.encode_images), unpack(enc.encode_tokens), enc.tokenizer, list(moe["layers"]),
-                   moe["num_experts"], enc.preprocess)
-
-
-def encode_batched(fn: Encode, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    parts = [fn(x[i:i + batch]) for i in range(0, len(x), batch)]
-    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+def encode_batched(encode: Encode, x: np.ndarray, batch: int = 64) -> EncoderOutput:
+    """`encode` over `x` in batches of `batch`, the outputs concatenated."""
+    parts = [encode(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return EncoderOutput(*(np.concatenate(field) for field in zip(*parts)))
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -182,8 +130,8 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
         targets = np.array([classes.index(label) for label in s.labels])
         img_emb, img_idx, img_drop = encode_batched(enc.encode_images, s.pixels)
         routing_images.append((img_idx, img_drop))
-        w = build_zero_shot_classifier(lambda ids: encode_batched(enc.encode_tokens, ids)[0], enc.tokenizer, classes,
-                                       templates)
+        w = build_zero_shot_classifier(lambda ids: encode_batched(enc.encode_tokens, ids).embeddings, enc.tokenizer,
+                                       classes, templates)
         scores = img_emb @ w  # (N, C)
         results["zero_shot"][s.name] = {**topk_accuracy(scores, targets), "top1_of_10": n_way_accuracy(scores, targets),
                                         "classes": len(classes), "images": len(s.labels)}
@@ -195,11 +143,11 @@ def evaluate(enc: Encoders, sets: Sequence[EvalSet], templates: Sequence[str] = 
             txt_emb, txt_idx, txt_drop = encode_batched(enc.encode_tokens, enc.tokenizer.encode(s.captions[:n]))
             routing_texts.append((txt_idx, txt_drop))
             results["retrieval"][s.name] = {**retrieval_recall(img_emb[:n], txt_emb), "pairs": n}
-    if enc.moe_layers and routing_images:
+    if enc.moe.layers and routing_images:
         per_modality = {"image": tuple(np.concatenate([r[j] for r in routing_images]) for j in range(2))}
         if routing_texts:
             per_modality["text"] = tuple(np.concatenate([r[j] for r in routing_texts]) for j in range(2))
-        results["routing"] = routing_analysis(per_modality, enc.moe_layers, enc.num_experts)
+        results["routing"] = routing_analysis(per_modality, enc.moe.layers, enc.moe.num_experts)
     return results
 
 

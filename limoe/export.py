@@ -37,10 +37,12 @@ from torch import Tensor, nn
 
 import limoe
 from limoe.checkpoint import load_checkpoint, read_tokenizer
+from limoe.encoders import Encode, MoEInfo, batch_independence
 from limoe.model import LIMoE
 from limoe.model_card import render_model_card
 from limoe.model_store import FORMAT, MANIFEST, Manifest, ModelStore, check_identifier, file_record, verify
 from limoe.moe import RoutingInfo, fused_moe_onnx
+from limoe.onnx_encoder import OnnxGraph
 from limoe.preprocess import PreprocessConfig
 from limoe.quantize import DEFAULT_SCHEME, DESCRIPTIONS, EXPORT_SCHEMES, batches
 from limoe.quantize import quantize as quantize_graph
@@ -90,8 +92,9 @@ class TextEncoder(nn.Module):
         return (emb, *_routing_outputs(routing, tokens.shape[0], tokens.shape[1], self.model.cfg.top_k))
 
 
-class Encoders(nn.Module):
-    """Both encoders in one module, for the single TorchScript file."""
+class TorchScriptModule(nn.Module):
+    """Both encoders in one module, for the single TorchScript file. Its method names are part of
+    the store format; limoe.encoders.TorchEncoders.from_entry runs the file as an encoder pair."""
 
     def __init__(self, model: LIMoE):
         super().__init__()
@@ -103,6 +106,12 @@ class Encoders(nn.Module):
 
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.text(tokens)
+
+
+def logit_scale(model: LIMoE) -> float:
+    """The multiplier on cosine similarities that inference uses: exp of the clamped learned scale."""
+    with torch.no_grad():
+        return float(model.logit_scale.clamp(max=model.cfg.logit_scale_max).exp())
 
 
 def example_inputs(model: LIMoE, batch: int = 2, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -178,7 +187,7 @@ def export_torchscript(model: LIMoE, images: Tensor, tokens: Tensor, path: Path)
     stays dynamic; the parity tests check it at several batch sizes."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about static per-example shapes
-        traced = torch.jit.trace_module(Encoders(model).eval(),
+        traced = torch.jit.trace_module(TorchScriptModule(model).eval(),
                                         {"encode_image": (images,), "encode_text": (tokens,)})
     traced.save(str(path))
 
@@ -205,21 +214,6 @@ def calibration_inputs(cfg, tokenizer: Tokenizer, data: str | None = None, cache
     images = np.stack([it["pixels"] for it in items]).astype(np.float32)
     tokens = tokenizer.encode([it["caption"] for it in items])
     return images, tokens, {"source": data, "split": "train", "count": len(items), "seed": seed}
-
-
-def batch_independence(path: Path, feed: dict[str, np.ndarray], batch: int = 5) -> float:
-    """Largest |difference| of any output between a batch of `batch` items and each item alone."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (name, x), = feed.items()
-    together = session.run(None, {name: x[:batch]})
-    worst = 0.0
-    for i in range(min(batch, len(x))):
-        alone = session.run(None, {name: x[i:i + 1]})
-        worst = max(worst, *(float(np.abs(a[0].astype(np.float64) - t[i].astype(np.float64)).max(initial=0.0))
-                             for a, t in zip(alone, together)))
-    return worst
 
 
 def share_weights(graphs: Sequence[Path], data_file: Path, min_bytes: int = 1024, align: int = 4096) -> None:
@@ -257,20 +251,19 @@ def share_weights(graphs: Sequence[Path], data_file: Path, min_bytes: int = 1024
         onnx.save_model(model, str(g))  # the tensors already point at data_file: nothing else is written
 
 
-def onnx_agreement(fp32: Path, int8: Path, feed: dict[str, np.ndarray]) -> dict[str, float]:
-    """How close the int8 graph stays to fp32 on `feed`: embedding cosine and expert choices."""
-    import onnxruntime as ort
-
-    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed) for p in (fp32, int8)]
-    (e32, x32, _), (e8, x8, _) = runs
-    cos = (e32 * e8).sum(-1)
-    real = x32 >= 0
+def agreement(reference: Encode, candidate: Encode, x: np.ndarray) -> dict[str, float]:
+    """How close `candidate` (an int8 graph) stays to `reference` (fp32) on `x`: embedding cosine
+    and expert choices, and whether the candidate is batch-independent."""
+    ref, got = reference(x), candidate(x)
+    cos = (ref.embeddings * got.embeddings).sum(-1)
+    real = ref.expert_index >= 0
     return {
         "embedding_cosine_mean": round(float(cos.mean()), 6),
         "embedding_cosine_min": round(float(cos.min()), 6),
-        "expert_choice_agreement": round(float((x32 == x8)[real].mean()), 6) if real.any() else 1.0,
-        "examples": int(e32.shape[0]),
-        "batch_independence_max_diff": batch_independence(int8, feed),
+        "expert_choice_agreement": round(float((ref.expert_index == got.expert_index)[real].mean()), 6)
+        if real.any() else 1.0,
+        "examples": int(ref.embeddings.shape[0]),
+        "batch_independence_max_diff": batch_independence(candidate, x),
     }
 
 
@@ -321,7 +314,7 @@ def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, ca
         for modality, name, cal in (("image", "images", cal_images), ("text", "tokens", cal_tokens)):
             path = tmp / roles[f"{modality}_onnx_int8"]
             frozen[modality] = freeze_dynamic_int8(path, path, [{name: b} for b in batches(cal, 32)])
-            int8.setdefault(modality, {})["batch_independence_max_diff"] = batch_independence(path, {name: cal[:5]})
+            int8.setdefault(modality, {})["batch_independence_max_diff"] = batch_independence(OnnxGraph(path), cal[:5])
         share_weights([tmp / roles[f"{m}_onnx_int8"] for m in ("image", "text")], tmp / roles["onnx_weights_int8"])
         int8.update(scheme="static-frozen", calibration=record, frozen_nodes=frozen,
                     description="dynamic int8 weights with activation scales frozen from calibration "
@@ -430,7 +423,7 @@ def export_entry(
                 src, dst = tmp / roles[f"{modality}_onnx"], tmp / f"{modality}_encoder.int8.onnx"
                 quantize_graph(src, dst, int8_scheme, [{input_name: b} for b in batches(cal, 32)])
                 roles[f"{modality}_onnx_int8"] = dst.name
-                quantization[modality] = onnx_agreement(src, dst, {input_name: check.numpy()})
+                quantization[modality] = agreement(OnnxGraph(src), OnnxGraph(dst), check.numpy())
         if "onnx" not in formats:  # the fp32 graphs were only the source of the int8 ones
             for modality in ("image", "text"):
                 (tmp / roles.pop(f"{modality}_onnx")).unlink()
@@ -440,8 +433,6 @@ def export_entry(
                 share_weights([tmp / roles[f"{m}_onnx{suffix}"] for m in ("image", "text")], tmp / data)
                 roles[f"onnx_weights{suffix}"] = data
 
-        with torch.no_grad():
-            logit_scale = float(model.logit_scale.clamp(max=cfg.logit_scale_max).exp())
         M, K = len(cfg.moe_layer_ids), cfg.top_k
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -452,11 +443,9 @@ def export_entry(
             "preprocessing": PreprocessConfig.from_model_config(cfg).to_dict(),
             "context_length": cfg.context_length,
             "embedding_size": cfg.embed_dim,
-            "logit_scale": logit_scale,
+            "logit_scale": logit_scale(model),
             "templates": list(templates),
-            "moe": {"layers": list(cfg.moe_layer_ids), "num_experts": cfg.num_experts, "top_k": K,
-                    "inference_routing": cfg.inference_routing, "onnx_op": moe_op,
-                    "eval_capacity_factor": cfg.eval_capacity_factor, "batch_priority": cfg.batch_priority},
+            "moe": MoEInfo.from_config(cfg, onnx_op=moe_op).to_dict(),
             "graphs": {
                 "image": {"input": {"name": "images", "dtype": "float32",
                                     "shape": ["batch", cfg.in_channels, cfg.image_size, cfg.image_size]},

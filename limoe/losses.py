@@ -17,14 +17,24 @@ from limoe.config import LIMoEConfig
 from limoe.moe import RoutingInfo
 
 
-def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
+                     positives: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE. image_emb, text_emb: (N, P) L2-normalised; pair i is (image i, text i).
 
-    loss = (CE(s * I T^T, diag) + CE(s * T I^T, diag)) / 2 with s = exp(logit_scale).
+    loss = (CE(s * I T^T, Y) + CE(s * T I^T, Y^T)) / 2 with s = exp(logit_scale). The target Y is
+    the identity, or with `positives` (N, N) bool, its rows normalised: image i's target spreads
+    evenly over every text j with positives[i, j] (UniCL's multi-positive form; two drawings of
+    one concept in a batch are then not pushed apart). The diagonal always counts as positive.
     """
     logits = logit_scale.exp() * image_emb @ text_emb.t()  # (N, N)
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    n = logits.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    if positives is None:
+        target = torch.arange(n, device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    pos = (positives.to(logits.device) | eye).to(logits.dtype)  # (N, N)
+    return (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
+            + F.cross_entropy(logits.t(), pos.t() / pos.t().sum(1, keepdim=True))) / 2
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
@@ -101,9 +111,9 @@ def auxiliary_losses(routing: Sequence[RoutingInfo], modality: str, cfg: LIMoECo
 
 def limoe_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
                image_routing: Sequence[RoutingInfo], text_routing: Sequence[RoutingInfo],
-               cfg: LIMoEConfig) -> dict[str, Tensor]:
-    """All named loss terms plus their sum under "total"."""
-    terms = {"contrastive": contrastive_loss(image_emb, text_emb, logit_scale)}
+               cfg: LIMoEConfig, positives: Tensor | None = None) -> dict[str, Tensor]:
+    """All named loss terms plus their sum under "total" (`positives`: see contrastive_loss)."""
+    terms = {"contrastive": contrastive_loss(image_emb, text_emb, logit_scale, positives)}
     terms.update(auxiliary_losses(image_routing, "image", cfg))
     terms.update(auxiliary_losses(text_routing, "text", cfg))
     terms["total"] = torch.stack(list(terms.values())).sum()

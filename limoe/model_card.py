@@ -14,7 +14,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _evaluation(ev: dict[str, Any]) -> list[str]:
     if not ev or not ev.get("zero_shot"):
         return ["No evaluation recorded (run `limoe eval` on the checkpoint before exporting, or on this entry)."]
-    lines = ["Zero-shot classification (prompt-template ensemble over all the set's classes; 10-way: the true "
+    prompts = ", ".join(f"`{t}`" for t in ev.get("templates") or []) or "the default prompt templates"
+    lines = [f"Zero-shot classification (prompts: {prompts}; over all the set's classes; 10-way: the true "
              "class against 9 random others, like a user sending a short label list):", ""]
     cap = ev.get("capacity") or {}
     cap_sets = cap.get("zero_shot", {})

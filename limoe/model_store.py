@@ -2,9 +2,10 @@
 trusts only after checking them. Torch-free.
 
 An entry holds a `manifest.json` (see model_store/README.md) and the files it lists, each with
-its size and sha256. `verify` re-checks all of them and fails with a message naming the file
-and what is wrong: missing, wrong size, wrong hash, unreadable graph, or a manifest written
-for another format version. Names and versions must be plain identifiers (no path traversal).
+its size and sha256. Opening an entry parses and checks the manifest once, into a typed
+`Manifest`; `verify` then re-checks every file and fails with a message naming the file and
+what is wrong: missing, wrong size, wrong hash, unreadable graph, or a manifest written for
+another format version or with a malformed field. Names and versions must be plain identifiers (no path traversal).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from limoe.encoders import MoEInfo
+from limoe.preprocess import PreprocessConfig
 
 FORMAT = "limoe-model-store/1"
 MANIFEST = "manifest.json"
@@ -51,32 +55,106 @@ def _version_key(v: str) -> tuple:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    size: int  # bytes
+    sha256: str  # hex digest
+
+
+@dataclass(frozen=True)
 class Manifest:
+    """An entry's manifest.json, parsed and checked once (`read_manifest`, `Manifest.parse`): the
+    fields code runs on are typed; `data` keeps the whole document as read, for the descriptive
+    records (evaluation, training, stats, quantization, ...) and for writers that update it."""
+
     path: Path  # the entry's directory
-    data: dict[str, Any]
+    data: dict[str, Any]  # manifest.json as read
+    name: str
+    version: str
+    preprocess: PreprocessConfig  # "preprocessing"
+    context_length: int  # L, tokens per text
+    embedding_size: int  # P
+    logit_scale: float  # zero-shot logits = logit_scale * cosine similarity
+    templates: tuple[str, ...]  # default prompt templates, "{}" marks the label
+    moe: MoEInfo
+    image_tokens: int  # T of the image encoder's routing outputs: patches per image ("graphs.image.tokens")
+    roles: dict[str, str]  # role ("image_onnx", "tokenizer", ...) -> file name
+    files: dict[str, FileRecord]  # every file of the entry
 
-    @property
-    def name(self) -> str:
-        return self.data["name"]
+    @classmethod
+    def parse(cls, data: Any, entry: Path) -> "Manifest":
+        """Check `data` (a decoded manifest.json of the entry `entry`) and type it. Raises
+        ModelStoreError naming the manifest and the field."""
+        where = entry / MANIFEST
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else None
+            raise ModelStoreError(f"{where}: manifest format {found!r} is not supported "
+                                  f"(this version reads {FORMAT!r})")
+        for key in ("name", "version", "files", "roles", "config", "preprocessing", "context_length",
+                    "embedding_size", "logit_scale", "moe", "graphs"):
+            if key not in data:
+                raise ModelStoreError(f"{where}: manifest has no {key!r} field")
 
-    @property
-    def version(self) -> str:
-        return self.data["version"]
+        def bad(field: str, problem: str) -> ModelStoreError:
+            return ModelStoreError(f"{where}: manifest field {field!r}: {problem}")
+
+        def positive_int(field: str, value: Any) -> int:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(field, f"must be a positive integer, not {value!r}")
+            return value
+
+        for field in ("name", "version"):
+            if not isinstance(data[field], str) or not data[field]:
+                raise bad(field, "must be a non-empty string")
+        if not isinstance(data["config"], dict):
+            raise bad("config", "must be an object")
+        if not isinstance(data["files"], dict) or not isinstance(data["roles"], dict):
+            raise bad("files" if not isinstance(data["files"], dict) else "roles", "must be an object")
+        files = {}
+        for file, record in data["files"].items():
+            if Path(file).name != file or not _IDENTIFIER.fullmatch(file):
+                raise ModelStoreError(f"{where}: listed file {file!r} is not a plain file name")
+            if not isinstance(record, dict) or not isinstance(record.get("size"), int) \
+                    or not isinstance(record.get("sha256"), str):
+                raise bad("files", f"{file!r} needs an integer 'size' and a 'sha256' string")
+            files[file] = FileRecord(record["size"], record["sha256"])
+        for role, file in data["roles"].items():
+            if file not in files:
+                raise ModelStoreError(f"{where}: role {role!r} names {file!r}, which is not in 'files'")
+        templates = data.get("templates") or ["{}"]
+        if not isinstance(templates, list) or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+            raise bad("templates", "must be a list of strings with one '{}' each")
+        logit_scale = data["logit_scale"]
+        if not isinstance(logit_scale, (int, float)) or isinstance(logit_scale, bool) or not logit_scale > 0:
+            raise bad("logit_scale", f"must be a positive number, not {logit_scale!r}")
+        try:
+            preprocess = PreprocessConfig.from_dict(data["preprocessing"])
+        except ValueError as e:
+            raise bad("preprocessing", str(e)) from None
+        try:
+            moe = MoEInfo.from_dict(data["moe"])
+        except (ValueError, TypeError) as e:
+            raise bad("moe", str(e)) from None
+        image = data["graphs"].get("image") if isinstance(data["graphs"], dict) else None
+        image_tokens = positive_int("graphs.image.tokens", image.get("tokens") if isinstance(image, dict) else None)
+        return cls(entry, data, data["name"], data["version"], preprocess,
+                   positive_int("context_length", data["context_length"]),
+                   positive_int("embedding_size", data["embedding_size"]), float(logit_scale), tuple(templates),
+                   moe, image_tokens, dict(data["roles"]), files)
 
     def file(self, key: str) -> Path:
         """Path of a file by its role, e.g. "image_onnx", "text_onnx", "tokenizer", "torchscript",
         "image_onnx_int8"."""
         try:
-            return self.path / self.data["roles"][key]
+            return self.path / self.roles[key]
         except KeyError:
             raise ModelStoreError(f"{self.path / MANIFEST}: no file with role {key!r} in this entry") from None
 
     def has(self, key: str) -> bool:
-        return key in self.data.get("roles", {})
+        return key in self.roles
 
 
 def read_manifest(entry: Path) -> Manifest:
-    """Parse and sanity-check an entry's manifest (no file checks; see `verify`)."""
+    """Read, check and type an entry's manifest (no file checks; see `verify`)."""
     path = entry / MANIFEST
     if not path.is_file():
         raise ModelStoreError(f"{path}: missing (not a model store entry)")
@@ -84,19 +162,7 @@ def read_manifest(entry: Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelStoreError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise ModelStoreError(f"{path}: manifest format {found!r} is not supported (this version reads {FORMAT!r})")
-    for key in ("name", "version", "files", "roles", "config"):
-        if key not in data:
-            raise ModelStoreError(f"{path}: manifest has no {key!r} field")
-    for file in data["files"]:
-        if Path(file).name != file or not _IDENTIFIER.fullmatch(file):
-            raise ModelStoreError(f"{path}: listed file {file!r} is not a plain file name")
-    for role, file in data["roles"].items():
-        if file not in data["files"]:
-            raise ModelStoreError(f"{path}: role {role!r} names {file!r}, which is not in 'files'")
-    return Manifest(entry, data)
+    return Manifest.parse(data, entry)
 
 
 def _check_graph(path: Path) -> None:
@@ -113,18 +179,18 @@ def _check_graph(path: Path) -> None:
 def verify(entry: Path, check_graphs: bool = True) -> Manifest:
     """Check every listed file's presence, size and sha256, then that every graph parses."""
     manifest = read_manifest(entry)
-    for file, record in manifest.data["files"].items():
+    for file, record in manifest.files.items():
         path = entry / file
         if not path.is_file():
             raise ModelStoreError(f"{path}: missing (listed in the manifest)")
         size = path.stat().st_size
-        if size != record["size"]:
-            raise ModelStoreError(f"{path}: wrong size ({size} bytes, manifest says {record['size']})")
+        if size != record.size:
+            raise ModelStoreError(f"{path}: wrong size ({size} bytes, manifest says {record.size})")
         digest = sha256_file(path)
-        if digest != record["sha256"]:
-            raise ModelStoreError(f"{path}: wrong sha256 ({digest[:12]}..., manifest says {record['sha256'][:12]}...)")
+        if digest != record.sha256:
+            raise ModelStoreError(f"{path}: wrong sha256 ({digest[:12]}..., manifest says {record.sha256[:12]}...)")
     if check_graphs:
-        for file in manifest.data["files"]:
+        for file in manifest.files:
             if file.endswith(".onnx"):
                 _check_graph(entry / file)
     return manifest

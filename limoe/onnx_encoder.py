@@ -1,29 +1,23 @@
 """Run a verified model-store entry with ONNX Runtime. Torch-free (numpy, onnxruntime).
 
-    enc = OnnxEncoders.from_store("model_store", "limoe-small")
-    out = enc.encode_images(pixels)            # pixels (B, 3, R, R) float32, preprocessed
-    out = enc.encode_texts(["a red circle"])   # tokenised with the entry's tokenizer
+    enc = OnnxEncoders.from_store("model_store", "limoe-small")     # an encoder pair (limoe.encoders)
+    out = enc.encode_images(pixels)                                 # (B, 3, R, R) float32, preprocessed
+    out = enc.encode_tokens(enc.tokenizer.encode(["a red circle"]))
     out.embeddings, out.expert_index, out.dropped
+
+`OnnxGraph` runs one graph file alone (the export checks use it before an entry exists).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from limoe.encoders import EncoderOutput
 from limoe.model_store import Manifest, ModelStore, ModelStoreError, verify
-from limoe.preprocess import PreprocessConfig
 from limoe.tokenizer import Tokenizer
-
-
-@dataclass
-class EncoderOutput:
-    embeddings: np.ndarray  # (B, P) float32, L2-normalised
-    expert_index: np.ndarray  # (B, M, T, K) int64, -1 for padding
-    dropped: np.ndarray  # (B, M, T, K) bool
 
 
 def graph_suffix(manifest: Manifest, quantized: bool | None) -> str:
@@ -41,14 +35,33 @@ def graph_suffix(manifest: Manifest, quantized: bool | None) -> str:
     return suffix
 
 
+class OnnxGraph:
+    """One exported encoder graph as an encode function: x (B, ...) -> EncoderOutput. The input's
+    name and dtype come from the graph ("images" float32 or "tokens" int64)."""
+
+    def __init__(self, path: str | Path, options=None, providers: Sequence = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        graph_input = self.session.get_inputs()[0]
+        self.input = graph_input.name
+        self.dtype = np.int64 if graph_input.type == "tensor(int64)" else np.float32
+
+    def __call__(self, x: np.ndarray) -> EncoderOutput:
+        return EncoderOutput(*self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=self.dtype)}))
+
+
 class OnnxEncoders:
-    def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None,
+    """A store entry's ONNX graphs as an encoder pair (limoe.encoders.Encoders)."""
+
+    def __init__(self, manifest: Manifest, providers: Sequence | None = None,
                  threads: int | None = None, quantized: bool | None = None, spinning: bool = True):
         """quantized: True runs the int8 graphs, False the fp32 ones, None (auto) the fp32 ones
-        when the entry has them, else the int8 ones."""
+        when the entry has them, else the int8 ones. `providers` defaults to the CPU."""
         import onnxruntime as ort
 
         self.manifest = manifest
+        self.name, self.version = manifest.name, manifest.version
         suffix = graph_suffix(manifest, quantized)
         self.quantized = suffix == "_int8"
         options = ort.SessionOptions()
@@ -58,18 +71,16 @@ class OnnxEncoders:
         if not spinning:  # idle intra-op threads sleep instead of busy-waiting for the next op
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = list(providers or ["CPUExecutionProvider"])
-        self.sessions = {}
+        graphs = {}
         for modality in ("image", "text"):
             path = manifest.file(f"{modality}_onnx{suffix}")
             try:
-                self.sessions[modality] = ort.InferenceSession(str(path), options, providers=providers)
+                graphs[modality] = OnnxGraph(path, options, providers)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise ModelStoreError(f"{path}: ONNX Runtime cannot load it ({str(e)[:200]})") from None
+        self.image, self.text = graphs["image"], graphs["text"]
         self.tokenizer = Tokenizer.load(manifest.file("tokenizer"))
-        p = manifest.data["preprocessing"]
-        self.preprocess = PreprocessConfig(p["image_size"], tuple(p["mean"]), tuple(p["std"]),
-                                           p.get("resample", "bicubic"), tuple(p.get("background", (255, 255, 255))))
-        self.logit_scale = float(manifest.data["logit_scale"])
+        self.preprocess, self.moe, self.logit_scale = manifest.preprocess, manifest.moe, manifest.logit_scale
 
     @classmethod
     def from_store(cls, root: str | Path, name: str, version: str = "latest", **kw) -> "OnnxEncoders":
@@ -82,19 +93,17 @@ class OnnxEncoders:
     @property
     def providers(self) -> list[str]:
         """The providers ONNX Runtime actually uses (it falls back to CPU silently)."""
-        return self.sessions["image"].get_providers()
+        return self.image.session.get_providers()
 
-    def _run(self, modality: str, name: str, x: np.ndarray) -> EncoderOutput:
-        emb, index, dropped = self.sessions[modality].run(None, {name: x})
-        return EncoderOutput(emb, index, dropped)
+    @property
+    def device(self) -> str:
+        """Where it really runs, e.g. "CPUExecutionProvider (int8)"."""
+        return self.providers[0] + (" (int8)" if self.quantized else "")
 
     def encode_images(self, pixels: np.ndarray) -> EncoderOutput:
         """(B, 3, R, R) float32 preprocessed images (see limoe.preprocess)."""
-        return self._run("image", "images", np.ascontiguousarray(pixels, dtype=np.float32))
+        return self.image(pixels)
 
     def encode_tokens(self, ids: np.ndarray) -> EncoderOutput:
-        """(B, L) int64 token ids."""
-        return self._run("text", "tokens", np.ascontiguousarray(ids, dtype=np.int64))
-
-    def encode_texts(self, texts: Sequence[str]) -> EncoderOutput:
-        return self.encode_tokens(self.tokenizer.encode(texts))
+        """(B, L) int64 token ids (see `tokenizer`)."""
+        return self.text(ids)

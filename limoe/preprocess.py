@@ -39,6 +39,37 @@ class PreprocessConfig:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
                 "resample": self.resample, "background": list(self.background), "crop": "center"}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        """The inverse of `to_dict` (a manifest's `preprocessing`); ValueError says what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("must be an object")
+        missing = [k for k in ("image_size", "mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"has no {', '.join(map(repr, missing))}")
+
+        def triple(key: str, kind: type, default=None) -> tuple:
+            v = d.get(key, default)
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                raise ValueError(f"{key!r} must be 3 numbers, not {v!r}")
+            return tuple(kind(x) for x in v)
+
+        size = d["image_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"'image_size' must be a positive integer, not {size!r}")
+        cfg = cls(size, triple("mean", float), triple("std", float), d.get("resample", "bicubic"),
+                  triple("background", int, (255, 255, 255)))
+        if min(cfg.std) <= 0:
+            raise ValueError(f"'std' must be positive, not {list(cfg.std)}")
+        if cfg.resample not in _RESAMPLING:
+            raise ValueError(f"'resample' must be one of {', '.join(_RESAMPLING)}, not {cfg.resample!r}")
+        if not all(0 <= c <= 255 for c in cfg.background):
+            raise ValueError(f"'background' must be 3 values in [0, 255], not {list(cfg.background)}")
+        if d.get("crop", "center") != "center":
+            raise ValueError(f"'crop' {d['crop']!r} is not supported (only 'center')")
+        return cfg
+
 
 # Formats we decode. Restricting Image.open to these keeps Pillow away from formats that run
 # external programs (EPS -> Ghostscript) or are rarely what a client meant.

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from limoe.losses import limoe_loss
 from limoe.model import LIMoE
 from limoe.moe import RoutingInfo
 from limoe.routing_counts import expert_counts
+from limoe.templates import DEFAULT_TEMPLATES
 from limoe.tokenizer import Tokenizer
 
 
@@ -49,6 +50,13 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (the last step always saves)
     log_every: int = 1  # steps between JSONL log lines
     num_workers: int = 0  # threads decoding examples for a batch (0 = inline)
+    # Text side of the recipe. With probability template_prob a pair's text is a random prompt
+    # template (limoe.templates.DEFAULT_TEMPLATES, the ones zero-shot classification averages)
+    # filled with the item's label, instead of one of its captions: the model then reads the
+    # prompts it is queried with. multi_positive: pairs that show the same text are positives of
+    # each other in the contrastive loss (equal_text_positives).
+    template_prob: float = 0.0
+    multi_positive: bool = False
 
 
 # -- schedule and optimizer ------------------------------------------------------------------
@@ -89,20 +97,50 @@ class StepSampler:
         return self.global_batch(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
 
 
-def _caption(item: dict, rng: np.random.Generator) -> str:
+class Batch(NamedTuple):
+    pixels: Tensor  # (B, 3, R, R)
+    tokens: Tensor  # (B, L) token ids
+    texts: list[str]  # (B,) the text each pair shows
+
+
+def equal_text_positives(texts: Sequence[str]) -> Tensor:
+    """(B, B) bool: pairs i and j show the same non-empty text (the diagonal is always True).
+
+    Two items with one text ("home icon" from two icon sets, "rocket" in two emoji styles) are the
+    batch's false negatives: the identity target would ask image i to prefer text i over its
+    identical twin. Different captions of one label stay negatives, since a caption may say more
+    than its label ("two pink hexagons on the right")."""
+    ids = {text: k for k, text in enumerate(dict.fromkeys(texts))}
+    key = torch.tensor([ids[text] if text else -1 - i for i, text in enumerate(texts)])
+    return key[:, None] == key[None, :]
+
+
+def _caption(item: dict, rng: np.random.Generator, template_prob: float = 0.0) -> str:
+    """One of the item's captions, or (with probability template_prob) a prompt template with its label."""
+    if template_prob and item.get("label") and rng.random() < template_prob:
+        return DEFAULT_TEMPLATES[int(rng.integers(len(DEFAULT_TEMPLATES)))].format(item["label"])
     if "captions" in item and item["captions"]:
         return item["captions"][int(rng.integers(len(item["captions"])))]
     return item["caption"]
 
 
+def training_texts(items: Sequence[dict], template_prob: float = 0.0):
+    """Every text training can show (captions, and with templates on, each label in each template),
+    e.g. to train the tokenizer on."""
+    for item in items:
+        yield from item["captions"]
+        if template_prob and item.get("label"):
+            yield from (t.format(item["label"]) for t in DEFAULT_TEMPLATES)
+
+
 def load_batch(dataset, indices: Sequence[int], seed: int, step: int, tokenizer: Tokenizer,
-               pool=None) -> tuple[Tensor, Tensor]:
-    """(B, 3, R, R) pixels and (B, L) token ids for the given examples; caption choice seeded."""
+               pool=None, template_prob: float = 0.0) -> Batch:
+    """Pixels, token ids and texts of the given examples; caption and template choice seeded."""
     items = list(pool.map(dataset.__getitem__, indices)) if pool else [dataset[int(i)] for i in indices]
     rng = np.random.default_rng([seed, step, 1])
-    captions = [_caption(item, rng) for item in items]
+    captions = [_caption(item, rng, template_prob) for item in items]
     pixels = torch.from_numpy(np.stack([item["pixels"] for item in items]))
-    return pixels, torch.from_numpy(tokenizer.encode(captions))
+    return Batch(pixels, torch.from_numpy(tokenizer.encode(captions)), captions)
 
 
 # -- logging ---------------------------------------------------------------------------------
@@ -145,6 +183,15 @@ def gather(x: Tensor) -> Tensor:
     dist.all_gather(rows, x.detach().contiguous())
     rows[dist.get_rank()] = x
     return torch.cat(rows, dim=0)
+
+
+def gather_texts(texts: list[str]) -> list[str]:
+    """All ranks' texts in rank order, matching `gather`'s rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return texts
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, texts)
+    return [text for part in parts for text in part]
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -203,15 +250,17 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
         for step in range(start, end):
             t0 = time.perf_counter()
             torch.manual_seed(train_cfg.seed * 1_000_003 + step)  # router noise etc.: a function of the step
-            pixels, tokens = load_batch(dataset, sampler.indices(step), train_cfg.seed, step, tokenizer, pool)
-            pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            batch = load_batch(dataset, sampler.indices(step), train_cfg.seed, step, tokenizer, pool,
+                               train_cfg.template_prob)
+            pixels, tokens = batch.pixels.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True)
+            positives = equal_text_positives(gather_texts(batch.texts)) if train_cfg.multi_positive else None
             lr = learning_rate(step, train_cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast:
                 output = ddp(pixels, tokens)
                 terms = limoe_loss(gather(output.image_embeds.float()), gather(output.text_embeds.float()),
-                                   output.logit_scale, output.image_routing, output.text_routing, model_cfg)
+                                   output.logit_scale, output.image_routing, output.text_routing, model_cfg, positives)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))

@@ -6,25 +6,32 @@ Model `{name}` (the store name) takes
 and returns
     SCORES  FP32  [N, C]     softmax over the labels, in LABELS order
     EXPERTS INT64 [N, M, T]  top-1 expert of every patch in each MoE layer (-1 = dropped)
+
+JSON requests are validated by FastAPI against service.schemas.InferRequest; a request with
+binary tensors (an Inference-Header-Content-Length header) is split here and its JSON header
+validated against the same model.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response
 
 import limoe
 from service.engine import Engine
-from service.errors import BadRequest, NotFound, ServiceError, Unprocessable
-from service.http import answer, b64decode, parse_json
+from service.errors import BadRequest, NotFound, Unprocessable
+from service.http import (ServiceRoute, answer, b64decode, deadline_s, json_response, media_type, parse_json,
+                          raw_body, validate)
+from service.schemas import InferRequest, InferResponse, ModelMetadata, ServerMetadata, error_responses
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=ServiceRoute,
+                   strict_content_type=False)
 HEADER = "Inference-Header-Content-Length"
+NAMED = error_responses(404, 422)  # routes that name a model (and version)
+YES_NO = {"response_class": Response, "responses": {200: {"description": "yes"}, 503: {"description": "no"}}}
 
 
 def _engine(request: Request, name: str | None = None, version: str | None = None) -> Engine:
@@ -37,90 +44,88 @@ def _engine(request: Request, name: str | None = None, version: str | None = Non
     return engine
 
 
+def model(name: str, request: Request) -> Engine:
+    return _engine(request, name)
+
+
+def model_version(name: str, version: str, request: Request) -> Engine:
+    return _engine(request, name, version)
+
+
+def ready_model(engine: Engine = Depends(model)) -> Engine:
+    engine.require_ready()
+    return engine
+
+
+def ready_model_version(engine: Engine = Depends(model_version)) -> Engine:
+    engine.require_ready()
+    return engine
+
+
 @router.get("", summary="Server metadata")
-async def server_metadata() -> dict:
-    return {"name": "limoe-serve", "version": limoe.__version__, "extensions": ["binary_tensor_data"]}
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="limoe-serve", version=limoe.__version__, extensions=["binary_tensor_data"])
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", summary="Server live", **YES_NO)
 async def live(request: Request) -> Response:
     return Response(status_code=200 if request.app.state.engine.alive else 503)
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get("/health/ready", summary="Server ready", **YES_NO)
 async def ready(request: Request) -> Response:
     e = request.app.state.engine
     return Response(status_code=200 if e.ready and e.alive else 503)
 
 
-def _metadata(engine: Engine) -> dict:
+def _metadata(engine: Engine) -> ModelMetadata:
     b = engine.backend
-    graphs = b.manifest["graphs"]
-    return {
+    return ModelMetadata.model_validate({
         "name": b.name, "versions": [b.version], "platform": f"limoe_{engine.settings.backend}",
         "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
                    {"name": "LABELS", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "SCORES", "datatype": "FP32", "shape": [-1, -1]},
                     {"name": "EXPERTS", "datatype": "INT64",
-                     "shape": [-1, len(engine.moe_layers), graphs["image"]["tokens"]]}],
-    }
+                     "shape": [-1, len(engine.moe_layers), b.manifest.image_tokens]}],
+    })
 
 
-@router.get("/models/{name}", summary="Model metadata")
-async def model_metadata(name: str, request: Request) -> dict:
-    return _metadata(_engine(request, name))
+@router.get("/models/{name}", summary="Model metadata", responses=NAMED)
+async def model_metadata(engine: Engine = Depends(model)) -> ModelMetadata:
+    return _metadata(engine)
 
 
-@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-async def model_version_metadata(name: str, version: str, request: Request) -> dict:
-    return _metadata(_engine(request, name, version))
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata", responses=NAMED)
+async def model_version_metadata(engine: Engine = Depends(model_version)) -> ModelMetadata:
+    return _metadata(engine)
 
 
-@router.get("/models/{name}/ready", summary="Model ready")
-async def model_ready(name: str, request: Request) -> Response:
-    e = _engine(request, name)
-    return Response(status_code=200 if e.ready and e.alive else 503)
+@router.get("/models/{name}/ready", summary="Model ready", response_class=Response,
+            responses={**YES_NO["responses"], **NAMED})
+async def model_ready(engine: Engine = Depends(model)) -> Response:
+    return Response(status_code=200 if engine.ready and engine.alive else 503)
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
-async def model_version_ready(name: str, version: str, request: Request) -> Response:
-    e = _engine(request, name, version)
-    return Response(status_code=200 if e.ready and e.alive else 503)
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready", response_class=Response,
+            responses={**YES_NO["responses"], **NAMED})
+async def model_version_ready(engine: Engine = Depends(model_version)) -> Response:
+    return Response(status_code=200 if engine.ready and engine.alive else 503)
 
 
-def _split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
-    """JSON header and the binary section that follows it (empty without the extension)."""
+# -- inference -----------------------------------------------------------------------------------------
+
+def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
+    """The JSON header and the binary section that follows it (empty without the extension)."""
     length = request.headers.get(HEADER)
     if length is None:
-        head, rest = body, b""
-    else:
-        try:
-            n = int(length)
-        except ValueError:
-            raise BadRequest(f"{HEADER} must be an integer", "invalid_header") from None
-        if not 0 <= n <= len(body):
-            raise BadRequest(f"{HEADER} {n} does not fit a body of {len(body)} bytes", "invalid_header")
-        head, rest = body[:n], body[n:]
-    header = parse_json(head)
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
-        raise Unprocessable("the request needs an 'inputs' list")
-    if not isinstance(header.get("parameters", {}), dict):
-        raise Unprocessable("'parameters' must be an object")
-    if not isinstance(header.get("outputs", []), list):
-        raise Unprocessable("'outputs' must be a list")
-    return header, rest
-
-
-def _parameters(tensor: dict, what: str) -> dict:
-    params = tensor.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise Unprocessable(f"{what}: 'parameters' must be an object")
-    return params
-
-
-def _flag(value: Any) -> bool:
-    """JSON true, or the string "true" (some clients stringify parameters)."""
-    return value is True or (isinstance(value, str) and value.lower() == "true")
+        return body, b""
+    try:
+        n = int(length)
+    except ValueError:
+        raise BadRequest(f"{HEADER} must be an integer", "invalid_header") from None
+    if not 0 <= n <= len(body):
+        raise BadRequest(f"{HEADER} {n} does not fit a body of {len(body)} bytes", "invalid_header")
+    return body[:n], body[n:]
 
 
 def _decode_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
@@ -140,83 +145,51 @@ def _decode_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
     return out
 
 
-def _inputs(header: dict, binary: bytes) -> dict[str, list]:
-    found, offset = {}, 0
-    for tensor in header["inputs"]:
-        if not isinstance(tensor, dict):
-            raise Unprocessable("each input must be an object")
-        name, dtype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-        if name not in ("IMAGE", "LABELS"):
-            raise Unprocessable(f"unknown input {name!r}; this model takes IMAGE and LABELS")
-        if dtype != "BYTES":
-            raise Unprocessable(f"input {name} must have datatype BYTES, not {dtype!r}")
-        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
-            raise Unprocessable(f"input {name} must have a 1-D shape [n]")
-        if name in found:
-            raise Unprocessable(f"input {name} is given twice")
-        count = shape[0]
-        size = _parameters(tensor, f"input {name}").get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise BadRequest(f"input {name}: binary_data_size {size!r} runs past the body", "invalid_tensor")
-            values = _decode_bytes_tensor(binary[offset:offset + size], count, name)
-            offset += size
-        else:
-            data = tensor.get("data")
-            if not isinstance(data, list) or len(data) != count:
-                raise Unprocessable(f"input {name}: 'data' must be a list of {count} elements")
-            values = [b64decode(v, f"IMAGE[{i}]") for i, v in enumerate(data)] if name == "IMAGE" else data
-        found[name] = values
-    if set(found) != {"IMAGE", "LABELS"}:
-        raise Unprocessable("inputs IMAGE and LABELS are both required")
+def _inputs(body: InferRequest, binary: bytes) -> tuple[list[str | bytes], list[str]]:
+    """(IMAGE: base64 strings or raw files, LABELS) from the JSON data or the binary section, whose
+    tensors follow the order of `inputs`."""
+    found: dict[str, list] = {}
+    offset = 0
+    for tensor in body.inputs:
+        size = tensor.parameters.binary_data_size
+        if size is None:
+            found[tensor.name] = list(tensor.data or [])
+            continue
+        if size < 0 or offset + size > len(binary):
+            raise BadRequest(f"input {tensor.name}: binary_data_size {size} runs past the body", "invalid_tensor")
+        found[tensor.name] = _decode_bytes_tensor(binary[offset:offset + size], tensor.shape[0], tensor.name)
+        offset += size
     try:
         labels = [v.decode("utf-8") if isinstance(v, bytes) else v for v in found["LABELS"]]
     except UnicodeDecodeError:
         raise Unprocessable("LABELS must be UTF-8 text", "invalid_labels") from None
-    return {"IMAGE": found["IMAGE"], "LABELS": labels}
+    return found["IMAGE"], labels
 
 
-def _requested(header: dict) -> dict[str, bool]:
-    """Output name -> binary? (all outputs, binary or not per the request, when none are named)."""
-    default_binary = _flag(_parameters(header, "request").get("binary_data_output", False))
-    outputs = header.get("outputs")
-    if not outputs:
-        return {"SCORES": default_binary, "EXPERTS": default_binary}
-    wanted = {}
-    for o in outputs:
-        name = o.get("name") if isinstance(o, dict) else None
-        if name not in ("SCORES", "EXPERTS"):
-            raise Unprocessable(f"unknown output {name!r}; this model returns SCORES and EXPERTS")
-        wanted[name] = _flag(_parameters(o, f"output {name}").get("binary_data", default_binary))
-    return wanted
-
-
-async def _infer(request: Request, engine: Engine) -> Response:
-    engine.require_ready()
-    header, binary = _split_body(request, await request.body())
-    inputs = _inputs(header, binary)
-    wanted = _requested(header)
-    images, labels = inputs["IMAGE"], inputs["LABELS"]
+async def _infer(request: Request, engine: Engine, body: InferRequest, binary: bytes) -> Response:
+    s = engine.settings
+    images, labels = _inputs(body, binary)
     if not images:
         raise Unprocessable("IMAGE must hold at least one image", "no_images")
-    if len(images) > engine.settings.max_bulk_images:
-        raise Unprocessable(f"at most {engine.settings.max_bulk_images} images per request", "too_many_images")
-    results = await answer(request, engine.classify(images, labels, bulk=len(images) > 1),
-                           engine.settings.request_timeout_s)
-    for i, r in enumerate(results):
-        if isinstance(r, ServiceError):  # Triton fails the whole request
-            r.message = f"IMAGE[{i}]: {r.message}"
-            raise r
-    order = {label: j for j, label in enumerate(engine.check_labels(labels))}
-    scores = np.zeros((len(images), len(labels)), np.float32)
-    for i, r in enumerate(results):
-        for s in r.scores:
-            scores[i, order[s["label"]]] = s["score"]
-    experts = np.stack([np.where(r.routing.dropped[..., 0], -1, r.routing.expert_index[..., 0]) for r in results])
-    tensors = {"SCORES": ("FP32", scores), "EXPERTS": ("INT64", experts.astype(np.int64))}
+    if len(images) > s.max_bulk_images:
+        raise Unprocessable(f"at most {s.max_bulk_images} images per request", "too_many_images")
+    labels = engine.check_labels(labels)
+    bulk = len(images) > 1  # like /v1/classify/bulk: waits for queue room, deadline per batch
+    with engine.admit(len(images), bulk) as permit:  # 429 here, before any decoding
+        data = [b64decode(v, f"IMAGE[{i}]") if isinstance(v, str) else v for i, v in enumerate(images)]
+        scores = await answer(request, engine.classify(data, labels, engine.check_templates(None), bulk=bulk,
+                                                       permit=permit),
+                              deadline_s(s.request_timeout_s, len(data), s.max_batch_size, bulk))
+    for i, error in enumerate(scores.errors):
+        if error is not None:  # Triton fails the whole request
+            error.message = f"IMAGE[{i}]: {error.message}"
+            raise error
+    tensors = {"SCORES": ("FP32", scores.probs),
+               "EXPERTS": ("INT64", np.stack([r.top1 for r in scores.routing]))}  # (N, M, T)
 
-    outputs, chunks = [], []
-    for name, binary_out in wanted.items():
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, binary_out in body.wanted().items():
         dtype, array = tensors[name]
         entry: dict[str, Any] = {"name": name, "datatype": dtype, "shape": list(array.shape)}
         if binary_out:
@@ -226,28 +199,40 @@ async def _infer(request: Request, engine: Engine) -> Response:
         else:
             entry["data"] = array.flatten().tolist()
         outputs.append(entry)
-    body: dict[str, Any] = {"model_name": engine.backend.name, "model_version": engine.backend.version,
-                            "outputs": outputs}
-    if "id" in header:
-        body["id"] = header["id"]
+    response = InferResponse.model_validate({"model_name": engine.backend.name,
+                                             "model_version": engine.backend.version, "outputs": outputs,
+                                             "id": body.id})
     if not chunks:
-        return JSONResponse(body)
-    head = json.dumps(body).encode()
-    return Response(head + b"".join(chunks), media_type="application/octet-stream",
-                    headers={HEADER: str(len(head))})
+        return json_response(response)
+    head = response.model_dump_json(exclude_none=True).encode()
+    return Response(head + b"".join(chunks), media_type="application/octet-stream", headers={HEADER: str(len(head))})
 
 
-_INFER_DOC = {"requestBody": {"required": True, "content": {"application/json": {"example": {
-    "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["<base64 image>"]},
-               {"name": "LABELS", "datatype": "BYTES", "shape": [2], "data": ["cat", "dog"]}],
-    "outputs": [{"name": "SCORES"}]}}}}}
+def _not_json(request: Request) -> bool:
+    """Binary tensors (the header names the JSON part's length), or a body not declared as JSON."""
+    return HEADER in request.headers or media_type(request) not in ("application/json", "")
 
 
-@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor extension)", openapi_extra=_INFER_DOC)
-async def infer(name: str, request: Request) -> Response:
-    return await _infer(request, _engine(request, name))
+async def _infer_raw(request: Request) -> Response:
+    engine = _engine(request, request.path_params["name"], request.path_params.get("version"))
+    engine.require_ready()
+    head, binary = _split_body(request, await request.body())
+    return await _infer(request, engine, validate(InferRequest, parse_json(head)), binary)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version", openapi_extra=_INFER_DOC)
-async def infer_version(name: str, version: str, request: Request) -> Response:
-    return await _infer(request, _engine(request, name, version))
+INFER_DOC = "JSON, or Triton's binary tensor extension (an Inference-Header-Content-Length header)."
+
+
+@router.post("/models/{name}/infer", summary="Inference", description=INFER_DOC, response_model=InferResponse,
+             responses=error_responses(400, 404, 413, 422, 429, 503, 504))
+@raw_body(_not_json, _infer_raw)
+async def infer(body: InferRequest, request: Request, engine: Engine = Depends(ready_model)) -> Response:
+    return await _infer(request, engine, body, b"")
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version", description=INFER_DOC,
+             response_model=InferResponse, responses=error_responses(400, 404, 413, 422, 429, 503, 504))
+@raw_body(_not_json, _infer_raw)
+async def infer_version(body: InferRequest, request: Request,
+                        engine: Engine = Depends(ready_model_version)) -> Response:
+    return await _infer(request, engine, body, b"")

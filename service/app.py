@@ -30,7 +30,7 @@ import limoe
 from service import api_hf, api_native, api_v2
 from service.backends import Backend, load_backend
 from service.engine import Engine
-from service.errors import ServiceError, Unauthorized
+from service.errors import ServiceError, Unauthorized, invalid_request
 from service.http import BodyBudget, BodyLimitMiddleware, ClientGone, check_api_key
 from service.metrics import Metrics
 from service.settings import Settings
@@ -129,10 +129,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in err.get("loc", ()))
-        return JSONResponse({"error": f"invalid request: {where}: {err.get('msg', '')}", "code": "invalid_request"},
-                            status_code=422)
+        return await service_error(request, invalid_request(e.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:

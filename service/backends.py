@@ -1,8 +1,6 @@
-"""Inference backends: ONNX Runtime (default, torch-free), TorchScript (torch, GPU users) and a
-deterministic fake for API tests. All take preprocessed numpy batches and return numpy.
-
-    encode_images((B, 3, R, R) float32) -> EncoderOutput(embeddings, expert_index, dropped)
-    encode_tokens((B, L) int64)         -> EncoderOutput
+"""Inference backends: the encoder pairs the service runs (limoe.encoders.Encoders, numpy in and
+out), opened from a verified store entry: `OnnxEncoders` (default, torch-free), `TorchEncoders`
+on the entry's TorchScript file (torch, GPU users), and a deterministic fake for API tests.
 """
 
 from __future__ import annotations
@@ -15,8 +13,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from limoe.model_store import Manifest, ModelStore, ModelStoreError, verify
-from limoe.onnx_encoder import EncoderOutput, OnnxEncoders, graph_suffix
+from limoe.encoders import EncoderOutput, Encoders, MoEInfo, TorchEncoders
+from limoe.model_store import FORMAT, Manifest, ModelStore, ModelStoreError, verify
+from limoe.onnx_encoder import OnnxEncoders, graph_suffix
 from limoe.preprocess import PreprocessConfig
 from limoe.tokenizer import Tokenizer
 from service.settings import Settings
@@ -24,18 +23,13 @@ from service.settings import Settings
 log = logging.getLogger("limoe.service")
 
 
-class Backend(Protocol):
+class Backend(Encoders, Protocol):
+    """An encoder pair opened from a store entry."""
+
+    manifest: Manifest
     name: str
     version: str
-    manifest: dict
-    tokenizer: Tokenizer
-    preprocess: PreprocessConfig
-    logit_scale: float
     device: str  # where it really runs, e.g. "CPUExecutionProvider" or "cuda:0 (fp16)"
-
-    def encode_images(self, pixels: np.ndarray) -> EncoderOutput: ...
-
-    def encode_tokens(self, ids: np.ndarray) -> EncoderOutput: ...
 
 
 def load_manifest(settings: Settings) -> Manifest:
@@ -51,12 +45,6 @@ def load_manifest(settings: Settings) -> Manifest:
         raise ModelStoreError(f"{manifest.path}: the torchscript backend needs torchscript, which this entry does "
                               "not have (export it with --formats torchscript, or use LIMOE_BACKEND=onnx)")
     return manifest
-
-
-def _preprocess_config(manifest: Manifest) -> PreprocessConfig:
-    p = manifest.data["preprocessing"]
-    return PreprocessConfig(p["image_size"], tuple(p["mean"]), tuple(p["std"]), p.get("resample", "bicubic"),
-                            tuple(p.get("background", (255, 255, 255))))
 
 
 class DeviceError(RuntimeError):
@@ -85,92 +73,44 @@ def check_device(settings: Settings) -> None:
                           + ": set LIMOE_DEVICE=cpu or another index")
 
 
-class OnnxBackend:
-    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, quantized: bool | None = None,
-                 spinning: bool = True):
-        import onnxruntime as ort
+def open_onnx(manifest: Manifest, device: str = "auto", threads: int = 0, quantized: bool | None = None,
+              spinning: bool = True) -> OnnxEncoders:
+    """The entry's ONNX graphs on the providers LIMOE_DEVICE asks for. ONNX Runtime falls back to
+    the CPU silently: say so, and refuse when CUDA was demanded. Warn about int8 graphs on CUDA."""
+    import onnxruntime as ort
 
-        available = ort.get_available_providers()
-        want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
-        providers: list = ["CPUExecutionProvider"]
-        if want_cuda:
-            device_id = int(device.split(":")[1]) if ":" in device else 0
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        self._enc = OnnxEncoders(manifest, providers=providers, threads=threads or None, quantized=quantized,
-                                 spinning=spinning)
-        active = self._enc.providers
-        # ONNX Runtime falls back to CPU silently; say so, and refuse when CUDA was demanded.
-        if want_cuda and "CUDAExecutionProvider" not in active:
-            if device != "auto":  # the provider exists but did not start (CUDA/cuDNN libraries)
-                raise DeviceError(f"LIMOE_DEVICE={device}, but ONNX Runtime runs on {', '.join(active)} "
-                                  "(install onnxruntime-gpu with matching CUDA/cuDNN libraries)")
-            log.warning("CUDA provider not active; running on %s", active)
-        if "CUDAExecutionProvider" in active and self._enc.quantized:
-            # Dynamic int8 (MatMulInteger) has CPU kernels only; static QDQ graphs run on CUDA as
-            # dequantise + fp32 matmul, with no int8 speed-up either way.
-            log.warning("%s v%s runs its int8 graphs: ONNX Runtime's CUDA provider has no int8 matmul kernels for "
-                        "them (quantised matmuls run on the CPU, or dequantised to fp32); export fp32 graphs "
-                        "(limoe export CKPT --formats onnx) for GPU speed", manifest.name, manifest.version)
-        self.device = active[0] + (" (int8)" if self._enc.quantized else "")
-        self.manifest = manifest.data
-        self.name, self.version = manifest.name, manifest.version
-        self.tokenizer, self.preprocess = self._enc.tokenizer, self._enc.preprocess
-        self.logit_scale = self._enc.logit_scale
-
-    def encode_images(self, pixels: np.ndarray) -> EncoderOutput:
-        return self._enc.encode_images(pixels)
-
-    def encode_tokens(self, ids: np.ndarray) -> EncoderOutput:
-        return self._enc.encode_tokens(ids)
-
-
-class TorchScriptBackend:
-    """The traced encoders on CPU or CUDA (fp16 on CUDA). Imports torch only when chosen."""
-
-    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0):
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if threads and device == "cpu":
-            torch.set_num_threads(threads)
-        self._torch = torch
-        self._device = torch.device(device)
-        self._half = self._device.type == "cuda"
-        module = torch.jit.load(str(manifest.file("torchscript")), map_location=self._device).eval()
-        self._module = module.half() if self._half else module
-        self.device = f"{self._device}" + (" (fp16)" if self._half else "")
-        self.manifest = manifest.data
-        self.name, self.version = manifest.name, manifest.version
-        self.tokenizer = Tokenizer.load(manifest.file("tokenizer"))
-        self.preprocess = _preprocess_config(manifest)
-        self.logit_scale = float(manifest.data["logit_scale"])
-
-    def _out(self, out) -> EncoderOutput:
-        emb, index, dropped = (t.cpu() for t in out)
-        return EncoderOutput(emb.float().numpy(), index.numpy(), dropped.numpy())
-
-    def encode_images(self, pixels: np.ndarray) -> EncoderOutput:
-        x = self._torch.from_numpy(np.ascontiguousarray(pixels)).to(self._device)
-        with self._torch.inference_mode():
-            return self._out(self._module.encode_image(x.half() if self._half else x))
-
-    def encode_tokens(self, ids: np.ndarray) -> EncoderOutput:
-        x = self._torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self._device)
-        with self._torch.inference_mode():
-            return self._out(self._module.encode_text(x))
+    available = ort.get_available_providers()
+    want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
+    providers: list = ["CPUExecutionProvider"]
+    if want_cuda:
+        device_id = int(device.split(":")[1]) if ":" in device else 0
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+    enc = OnnxEncoders(manifest, providers=providers, threads=threads or None, quantized=quantized, spinning=spinning)
+    active = enc.providers
+    if want_cuda and "CUDAExecutionProvider" not in active:
+        if device != "auto":  # the provider exists but did not start (CUDA/cuDNN libraries)
+            raise DeviceError(f"LIMOE_DEVICE={device}, but ONNX Runtime runs on {', '.join(active)} "
+                              "(install onnxruntime-gpu with matching CUDA/cuDNN libraries)")
+        log.warning("CUDA provider not active; running on %s", active)
+    if "CUDAExecutionProvider" in active and enc.quantized:
+        # Dynamic int8 (MatMulInteger) has CPU kernels only; static QDQ graphs run on CUDA as
+        # dequantise + fp32 matmul, with no int8 speed-up either way.
+        log.warning("%s v%s runs its int8 graphs: ONNX Runtime's CUDA provider has no int8 matmul kernels for "
+                    "them (quantised matmuls run on the CPU, or dequantised to fp32); export fp32 graphs "
+                    "(limoe export CKPT --formats onnx) for GPU speed", manifest.name, manifest.version)
+    return enc
 
 
 def load_backend(settings: Settings) -> Backend:
     check_device(settings)
     manifest = load_manifest(settings)
     if settings.backend == "onnx":
-        return OnnxBackend(manifest, settings.device, settings.threads, settings.quantized, settings.spinning)
-    return TorchScriptBackend(manifest, settings.device, settings.threads)
+        return open_onnx(manifest, settings.device, settings.threads, settings.quantized, settings.spinning)
+    return TorchEncoders.from_entry(manifest, settings.device, settings.threads)
 
 
 class FakeBackend:
-    """Deterministic stand-in for API and batching tests.
+    """A deterministic Backend for API and batching tests.
 
     An image's embedding is a fixed random projection of its per-channel means and a text's of
     its token counts, so results depend only on the item itself. Every call is recorded in
@@ -184,7 +124,8 @@ class FakeBackend:
         self.preprocess = PreprocessConfig(image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.name, self.version, self.device = "fake", "1", "fake"
         self.logit_scale = 10.0
-        self.num_experts, self.moe_layers, self.embed_dim = num_experts, moe_layers, embed_dim
+        self.moe = MoEInfo(tuple(range(1, 2 * moe_layers, 2)), num_experts, top_k=1, inference_routing="dropless")
+        self.embed_dim = embed_dim
         self.delay_s, self.fail = delay_s, fail
         self.calls: list[tuple[str, int]] = []
         self._lock = threading.Lock()
@@ -192,13 +133,12 @@ class FakeBackend:
         self._image_proj = rng.standard_normal((3, embed_dim)).astype(np.float32)
         self._text_proj = rng.standard_normal((self.tokenizer.vocab_size, embed_dim)).astype(np.float32)
         tokens = (image_size // 4) ** 2
-        self.manifest = {
-            "format": "limoe-model-store/1", "name": "fake", "version": "1", "embedding_size": embed_dim,
+        self.manifest = Manifest.parse({
+            "format": FORMAT, "name": "fake", "version": "1", "embedding_size": embed_dim, "config": {},
             "context_length": 8, "logit_scale": self.logit_scale, "templates": ["{}", "a photo of a {}."],
-            "moe": {"layers": list(range(1, 2 * moe_layers, 2)), "num_experts": num_experts, "top_k": 1},
-            "graphs": {"image": {"tokens": tokens}, "text": {"tokens": 8}},
+            "moe": self.moe.to_dict(), "graphs": {"image": {"tokens": tokens}, "text": {"tokens": 8}},
             "preprocessing": self.preprocess.to_dict(), "files": {}, "roles": {},
-        }
+        }, Path("fake"))
 
     def _record(self, modality: str, x: np.ndarray) -> None:
         import time
@@ -222,8 +162,8 @@ class FakeBackend:
     def encode_images(self, pixels: np.ndarray) -> EncoderOutput:
         self._record("image", pixels)
         z = pixels.mean(axis=(2, 3)) @ self._image_proj + 1e-3
-        index, dropped = self._routing(pixels, self.moe_layers, self.manifest["graphs"]["image"]["tokens"],
-                                       self.num_experts)
+        index, dropped = self._routing(pixels, len(self.moe.layers), self.manifest.image_tokens,
+                                       self.moe.num_experts)
         return EncoderOutput((z / np.linalg.norm(z, axis=-1, keepdims=True)).astype(np.float32), index, dropped)
 
     def encode_tokens(self, ids: np.ndarray) -> EncoderOutput:
@@ -231,6 +171,6 @@ class FakeBackend:
         counts = np.stack([np.bincount(row, minlength=self.tokenizer.vocab_size) for row in ids]).astype(np.float32)
         counts[:, 0] = 0  # padding carries no meaning
         z = counts @ self._text_proj + 1e-3
-        index, dropped = self._routing(ids, self.moe_layers, ids.shape[1], self.num_experts)
+        index, dropped = self._routing(ids, len(self.moe.layers), ids.shape[1], self.moe.num_experts)
         index[np.broadcast_to((ids == 0)[:, None, :, None], index.shape)] = -1
         return EncoderOutput((z / np.linalg.norm(z, axis=-1, keepdims=True)).astype(np.float32), index, dropped)

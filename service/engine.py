@@ -1,5 +1,6 @@
-"""The engine behind every API: image decoding in a worker pool, one dynamic batcher per encoder,
-the label-embedding cache, and zero-shot scoring. The three HTTP APIs only translate formats.
+"""The engine behind every API: admission (queue places taken before decoding), image decoding in
+a worker pool, one dynamic batcher per encoder, the label-embedding and label-set caches, and
+zero-shot scoring. The three HTTP APIs only translate formats.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from limoe.preprocess import ImageError, ImageTooLargeError, clean_error, open_i
 from limoe.routing_counts import expert_counts
 from limoe.zeroshot import ensemble, fill_templates, softmax
 from service.backends import Backend
-from service.batcher import DynamicBatcher, ItemResult
+from service.batcher import DynamicBatcher, ItemResult, Permit
 from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, ServiceError, Unprocessable
 from service.metrics import Metrics
 from service.settings import Settings
@@ -31,47 +32,81 @@ class InferenceFailed(ServiceError):
 
 
 @dataclass
-class Classification:
-    scores: list[dict]  # [{"label", "score"}] sorted by score, descending
-    routing: ItemResult
+class Routing:
+    """How one example was routed through the MoE layers (M layers, E experts, T tokens)."""
+
+    tokens_per_expert: np.ndarray  # (M, E) token choices each expert took
+    dropped: np.ndarray  # (M,) token choices dropped because their expert was full
+    top1: np.ndarray  # (M, T) int64: each token's first-choice expert, -1 where that choice was dropped
 
 
-class LabelCache:
-    """LRU of label embeddings keyed by (model version, templates, label); concurrent requests
-    for the same missing label share one computation."""
+@dataclass
+class Scores:
+    """One request's zero-shot answer, in input order (N images, C labels). The API adapters
+    sort, truncate and shape it for their protocols."""
 
-    def __init__(self, size: int, metrics: Metrics):
-        self.size, self.metrics = size, metrics
-        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self.pending: dict[tuple, asyncio.Future] = {}  # label embeddings being computed
+    probs: np.ndarray  # (N, C) float32: softmax over the labels; zeros for an image that failed
+    errors: list[ServiceError | None]  # (N,) why each image failed, or None
+    routing: list[Routing | None]  # (N,) how each image was routed, or None where it failed
 
-    def get(self, key: tuple) -> np.ndarray | asyncio.Future | None:
-        if key in self._entries:
+
+class LRU:
+    """A least-recently-used map whose entries' total cost stays within `size`: one per entry by
+    default, or e.g. bytes with `cost=lambda v: v.nbytes`. An entry costing more than `size` is
+    not kept. `on_change(lru)` runs after every put (to set a gauge)."""
+
+    def __init__(self, size: float, cost: Callable[[Any], float] = lambda value: 1,
+                 on_change: Callable[[LRU], None] | None = None):
+        self.size, self.cost, self.on_change = size, cost, on_change
+        self.used: float = 0
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable) -> Any:
+        value = self._entries.get(key)
+        if value is not None:
             self._entries.move_to_end(key)
-            return self._entries[key]
-        return self.pending.get(key)
+        return value
 
-    def put(self, key: tuple, value: np.ndarray) -> None:
-        if self.size == 0:
-            return
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        self.metrics.label_cache_size.set(len(self._entries))
+    def put(self, key: Hashable, value: Any) -> None:
+        if key in self._entries:
+            self.used -= self.cost(self._entries.pop(key))
+        cost = self.cost(value)
+        if cost <= self.size:
+            self._entries[key] = value
+            self.used += cost
+            while self.used > self.size:
+                self.used -= self.cost(self._entries.popitem(last=False)[1])
+        if self.on_change:
+            self.on_change(self)
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
+class LabelCache(LRU):
+    """Label embeddings keyed by (model version, templates, label), at most `size` of them;
+    concurrent requests for the same missing label share one computation (`pending`)."""
+
+    def __init__(self, size: int, metrics: Metrics):
+        super().__init__(size, on_change=lambda lru: metrics.label_cache_size.set(len(lru)))
+        self.pending: dict[tuple, asyncio.Future] = {}  # label embeddings being computed
+
+    def get(self, key: tuple) -> np.ndarray | asyncio.Future | None:
+        value = super().get(key)
+        return self.pending.get(key) if value is None else value
+
+
 class Engine:
     def __init__(self, backend: Backend, settings: Settings, metrics: Metrics):
         self.backend, self.settings, self.metrics = backend, settings, metrics
-        m = backend.manifest
-        self.moe_layers: list[int] = list(m["moe"]["layers"])
-        self.num_experts: int = m["moe"]["num_experts"]
-        self.templates: tuple[str, ...] = tuple(m.get("templates") or ["{}"])
+        self.moe_layers: list[int] = list(backend.moe.layers)
+        self.num_experts: int = backend.moe.num_experts
+        self.templates: tuple[str, ...] = backend.manifest.templates
         self.labels = LabelCache(settings.label_cache_size, metrics)
+        # Whole label sets' (P, C) matrices, keyed by (model version, templates, label tuple): a
+        # label set seen before costs one lookup, not C of them and a stack.
+        self.label_sets = LRU(settings.label_set_cache_mb * 2 ** 20, cost=lambda matrix: matrix.nbytes,
+                              on_change=lambda lru: metrics.label_set_cache_bytes.set(lru.used))
         self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="limoe-decode")
         self.ready = False
         self.image_batcher = self._batcher("image", backend.encode_images)
@@ -129,6 +164,18 @@ class Engine:
         if not self.ready:
             raise NotReady("the model is still loading")
 
+    def admit(self, images: int, bulk: bool = False) -> Permit:
+        """Places in the image queue for a request's images, taken before they are decoded (like
+        TEI's permits): Overloaded (429, Retry-After) at once when they are not there, so an
+        overloaded server refuses in microseconds. Use it as `with engine.admit(n) as permit:`
+        around the request's work and pass `permit` on; leaving the block gives back the places
+        not used. Bulk work is not refused: it waits for room image by image (an empty permit).
+        A request with more images than the whole queue holds reserves the whole queue; its
+        other images take places as the worker frees them, or are refused then, as before."""
+        if bulk:
+            return Permit()
+        return self.image_batcher.reserve(min(images, self.image_batcher.room.size))
+
     # -- inputs ------------------------------------------------------------------------------------------
     def check_labels(self, labels: Sequence[str]) -> list[str]:
         s = self.settings
@@ -136,13 +183,17 @@ class Engine:
             raise Unprocessable("give at least one candidate label", "invalid_labels")
         if len(labels) > s.max_labels:
             raise Unprocessable(f"{len(labels)} labels; at most {s.max_labels} per request", "too_many_labels")
-        clean = []
-        for label in labels:
-            if not isinstance(label, str) or not label.strip():
-                raise Unprocessable("labels must be non-empty strings", "invalid_labels")
-            if len(label) > s.max_label_chars:
-                raise Unprocessable(f"a label is longer than {s.max_label_chars} characters", "invalid_labels")
-            clean.append(label.strip())
+        # One pass per check, each in C: a thousand labels cost tens of microseconds, not a loop's
+        # hundreds. Only when a check fails does the loop run, to name the first bad label.
+        clean = list(map(str.strip, labels)) if set(map(type, labels)) == {str} else []
+        if len(clean) != len(labels) or not all(clean) or max(map(len, labels)) > s.max_label_chars:
+            clean = []
+            for label in labels:
+                if not isinstance(label, str) or not label.strip():
+                    raise Unprocessable("labels must be non-empty strings", "invalid_labels")
+                if len(label) > s.max_label_chars:
+                    raise Unprocessable(f"a label is longer than {s.max_label_chars} characters", "invalid_labels")
+                clean.append(label.strip())
         if len(set(clean)) != len(clean):
             raise Unprocessable("labels must be distinct", "invalid_labels")
         return clean
@@ -178,23 +229,28 @@ class Engine:
         return x
 
     # -- encoders --------------------------------------------------------------------------------------
-    async def encode_image(self, data: bytes, wait: bool = False) -> ItemResult:
-        """Decode in the worker pool, then queue for the image encoder. `wait`: wait for queue
-        room (bulk work) instead of answering 429 when the queue is full."""
+    async def encode_image(self, data: bytes, wait: bool = False, permit: Permit | None = None) -> ItemResult:
+        """Decode in the worker pool, then queue for the image encoder, on a place of `permit`
+        (see `admit`) when it has one left. `wait`: wait for queue room (bulk work) instead of
+        answering 429 when the queue is full."""
         x = await asyncio.get_running_loop().run_in_executor(self.pool, self._decode, data)
         try:
-            future = await self.image_batcher.submit_wait(x) if wait else self.image_batcher.submit(x)
+            future = await self.image_batcher.submit_wait(x) if wait else self.image_batcher.submit(x, permit)
             return await future
         except RuntimeError as e:
             raise InferenceFailed(str(e)) from None
 
     async def encode_texts(self, texts: Sequence[str]) -> list[ItemResult]:
-        ids = self.backend.tokenizer.encode(list(texts))
+        """Tokenise in the worker pool (a label set's thousands of prompts take a few hundred ms,
+        which the event loop must not wait for), then queue in chunks of a full batch (one queue
+        item each, not one per text), waiting for room: the prompts may outnumber the queue."""
+        ids = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.tokenizer.encode, list(texts))
+        step = self.text_batcher.chunk
         futures: list[asyncio.Future] = []
         try:
-            for row in ids:  # prompts of one label set may outnumber the queue: wait for room
-                futures.append(await self.text_batcher.submit_wait(row))
-            return list(await asyncio.gather(*futures))
+            for start in range(0, len(ids), step):
+                futures.append(await self.text_batcher.submit_many_wait(ids[start:start + step]))
+            return [result for chunk in await asyncio.gather(*futures) for result in chunk]
         except RuntimeError as e:
             raise InferenceFailed(str(e)) from None
         finally:
@@ -203,11 +259,19 @@ class Engine:
                     f.cancel()
 
     async def label_matrix(self, labels: Sequence[str], templates: tuple[str, ...]) -> np.ndarray:
-        """(P, C) class embeddings, from the cache where possible.
+        """(P, C) class embeddings (L2-normalised columns, read-only): a label set seen before is
+        one lookup; otherwise its columns come from the per-label cache where possible.
 
         Missing labels are embedded by a task of their own, shared with concurrent requests that
         need the same labels and shielded from the caller: a client that disconnects never
         fails another client's request waiting on the same labels."""
+        set_key = (self.backend.version, templates, tuple(labels))
+        matrix = self.label_sets.get(set_key)
+        if matrix is not None:
+            self.metrics.label_set_cache.labels("hit").inc()
+            self.metrics.label_cache.labels("hit").inc(len(labels))  # served from cache all the same
+            return matrix
+        self.metrics.label_set_cache.labels("miss").inc()
         keys = [(self.backend.version, templates, label) for label in labels]
         columns: list = [self.labels.get(k) for k in keys]
         missing = [k for k, c in zip(keys, columns) if c is None]
@@ -225,15 +289,19 @@ class Engine:
             if isinstance(column, asyncio.Future):
                 column = (await asyncio.shield(column))[key]
             resolved.append(column)
-        return np.stack(resolved, axis=1)
+        matrix = np.stack(resolved, axis=1)
+        matrix.flags.writeable = False  # shared by every later request with this label set
+        self.label_sets.put(set_key, matrix)
+        return matrix
 
     async def _embed_labels(self, keys: list[tuple]) -> dict[tuple, np.ndarray]:
         templates = keys[0][1]
         results = await self.encode_texts(fill_templates([k[2] for k in keys], templates))
-        emb = np.stack([r.embedding for r in results]).reshape(len(keys), len(templates), -1)
+        emb = np.stack([r.embedding for r in results]).reshape(len(keys), len(templates), -1)  # (C, M, P)
+        classes = ensemble(emb)  # (P, C): all labels at once
         columns = {}
         for j, key in enumerate(keys):
-            columns[key] = ensemble(emb[j:j + 1])[:, 0]  # (P,)
+            columns[key] = classes[:, j].copy()  # (P,), not a view: the cache may keep it alone
             self.labels.put(key, columns[key])
         return columns
 
@@ -245,22 +313,18 @@ class Engine:
             task.exception()  # retrieved: waiters see it; nobody waiting is not an error
 
     # -- zero-shot -----------------------------------------------------------------------------------
-    def scores(self, image: ItemResult, classes: np.ndarray, labels: Sequence[str], top_k: int | None) -> list[dict]:
-        probs = softmax(self.backend.logit_scale * (image.embedding @ classes))
-        order = np.argsort(-probs, kind="stable")[: top_k or len(labels)]
-        return [{"label": labels[i], "score": float(probs[i])} for i in order]
+    def scores(self, embedding: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(C,) softmax over the labels for one image's (P,) embedding and the (P, C) classes."""
+        return softmax(self.backend.logit_scale * (embedding @ classes))
 
-    async def classify(self, images: Sequence[bytes], labels: Sequence[str], templates: Sequence[str] | None = None,
-                       top_k: int | None = None, bulk: bool = False) -> list[Classification | ServiceError]:
-        """Per image, its ranked labels or its own error (in input order). `bulk` requests wait
-        for queue room; others get 429 when the image queue is full."""
-        self.require_ready()
-        labels = self.check_labels(labels)
-        templates = self.check_templates(templates)
-        if top_k is not None and top_k < 1:
-            raise Unprocessable("top_k must be >= 1", "invalid_top_k")
+    async def classify(self, images: Sequence[bytes], labels: Sequence[str], templates: tuple[str, ...],
+                       bulk: bool = False, permit: Permit | None = None) -> Scores:
+        """Every image's scores against `labels` (as `check_labels` and `check_templates` return
+        them: the API adapters check at the edge), or that image's own error. `bulk` requests
+        wait for queue room; others queue on `permit`'s places (see `admit`), or get 429 when the
+        image queue is full."""
         matrix_task = asyncio.ensure_future(self.label_matrix(labels, templates))
-        image_tasks = [asyncio.ensure_future(self.encode_image(d, wait=bulk)) for d in images]
+        image_tasks = [asyncio.ensure_future(self.encode_image(d, wait=bulk, permit=permit)) for d in images]
         try:
             encoded = await asyncio.gather(*image_tasks, return_exceptions=True)
             matrix = await matrix_task
@@ -268,33 +332,24 @@ class Engine:
             for t in (matrix_task, *image_tasks):
                 t.cancel()
             raise
-        out: list[Classification | ServiceError] = []
-        for result in encoded:
+        probs = np.zeros((len(images), len(labels)), np.float32)
+        errors: list[ServiceError | None] = [None] * len(images)
+        routing: list[Routing | None] = [None] * len(images)
+        for i, result in enumerate(encoded):
             if isinstance(result, Overloaded):
                 raise result
             if isinstance(result, ServiceError):
                 self.metrics.items.labels("image", result.code).inc()
-                out.append(result)
+                errors[i] = result
             elif isinstance(result, BaseException):
                 raise result
             else:
-                out.append(Classification(self.scores(result, matrix, labels, top_k), result))
-        return out
+                probs[i] = self.scores(result.embedding, matrix)
+                routing[i] = self.routing(result)
+        return Scores(probs, errors, routing)
 
-    def routing_summary(self, result: ItemResult, modality: str = "image") -> dict:
-        """How one example was routed: per MoE layer, tokens per expert, dropped choices, and the
-        top-1 expert of every token (a patch grid for images: row-major, side x side)."""
+    def routing(self, result: ItemResult) -> Routing:
+        """How one encoded example was routed (`expert_counts`, plus each token's first choice)."""
         idx, dropped = result.expert_index, result.dropped  # (M, T, K)
         routed, lost = expert_counts(idx, dropped, self.num_experts)  # (M, E) each
-        layers = []
-        for m, layer in enumerate(self.moe_layers):
-            layers.append({
-                "layer": layer,
-                "tokens_per_expert": routed[m].tolist(),
-                "dropped": int(lost[m].sum()),
-                "top1_expert": [int(e) if not d else -1 for e, d in zip(idx[m, :, 0], dropped[m, :, 0])],
-            })
-        summary: dict = {"modality": modality, "num_experts": self.num_experts, "layers": layers}
-        if modality == "image":
-            summary["grid"] = int(round(np.sqrt(idx.shape[1])))
-        return summary
+        return Routing(routed, lost.sum(axis=1), np.where(dropped[..., 0], -1, idx[..., 0]).astype(np.int64))

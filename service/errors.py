@@ -3,6 +3,10 @@ internal details are logged, never sent."""
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+from pydantic_core import PydanticCustomError
+
 
 class ServiceError(Exception):
     status = 500
@@ -66,3 +70,24 @@ class InvalidImage(BadRequest):
 
 class ImageTooLarge(PayloadTooLarge):
     code = "image_too_large"
+
+
+def refuse(code: str, message: str) -> PydanticCustomError:
+    """For a pydantic validator: refuse a value with our error `code` (422) instead of
+    invalid_request. Raise what it returns."""
+    return PydanticCustomError(code, message, {"service_code": code})
+
+
+def invalid_request(errors: Sequence[Any]) -> ServiceError:
+    """The first of a request's validation errors (pydantic's, as FastAPI reports them), as ours:
+    malformed JSON is 400 invalid_json; a value refused with `refuse` keeps its code; any other
+    is 422 invalid_request naming the field."""
+    err = errors[0] if errors else {}
+    ctx = err.get("ctx") or {}
+    if err.get("type") == "json_invalid":
+        return BadRequest(f"malformed JSON: {ctx.get('error', err.get('msg'))}", "invalid_json")
+    if "service_code" in ctx:
+        return Unprocessable(err["msg"], ctx["service_code"])
+    loc = list(err.get("loc", ()))
+    where = ".".join(str(x) for x in (loc[1:] if loc[:1] == ["body"] else loc)) or "body"
+    return Unprocessable(f"invalid request: {where}: {err.get('msg', 'invalid')}")

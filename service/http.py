@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by the APIs: body limit, auth, deadlines and client disconnects."""
+"""HTTP plumbing shared by the APIs: body limit, auth, JSON bodies, deadlines and client disconnects."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import hmac
 import json
 from typing import Any, Awaitable, Callable, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.engine import Engine
 from service.errors import (BadRequest, Overloaded, PayloadTooLarge, ServiceError, Timeout, Unauthorized,
-                            Unprocessable, UnsupportedMediaType)
+                            Unprocessable, UnsupportedMediaType, invalid_request)
 
 T = TypeVar("T")
 
@@ -201,9 +204,79 @@ def require_json(request: Request) -> None:
         raise UnsupportedMediaType(f"send application/json, not {ctype!r}")
 
 
-async def read_json(request: Request) -> Any:
-    require_json(request)
-    return parse_json(await request.body())
+class JSONRequest(Request):
+    """A request whose JSON body is parsed once, with our errors (`parse_json`)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_parsed"):
+            self._parsed = parse_json(await self.body())
+        return self._parsed
+
+
+RawHandler = Callable[[Request], Awaitable[Response]]
+
+
+def raw_body(accepts: Callable[[Request], bool], handler: RawHandler):
+    """Mark an endpoint: the requests `accepts` picks skip JSON parsing and validation and go to
+    `handler`, for bodies whose raw handling is the point (multipart forms streamed under the
+    in-flight byte budget, Triton's binary tensors). Put it below the route decorator."""
+    def mark(endpoint):
+        endpoint.raw_body = (accepts, handler)
+        return endpoint
+    return mark
+
+
+class ServiceRoute(APIRoute):
+    """The APIs' routes. A route with a body model reads and parses its body here, then FastAPI
+    validates it against the model. Reading and parsing here keeps our errors: the body limits'
+    413/429/408 and 400 invalid_json for malformed, non-UTF-8 or too deeply nested JSON (FastAPI
+    turns any exception while it reads a body into a bare 400), and 415 for a media type other
+    than JSON (FastAPI would validate the raw bytes as the model: 422). See also `raw_body`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        validated = super().get_route_handler()
+        raw: tuple[Callable[[Request], bool], RawHandler] | None = getattr(self.endpoint, "raw_body", None)
+        if self.body_field is None and raw is None:
+            return validated
+
+        async def handle(request: Request) -> Response:
+            if raw is not None and raw[0](request):
+                return await raw[1](request)
+            request = JSONRequest(request.scope, request.receive)
+            require_json(request)
+            await request.json()
+            return await validated(request)
+
+        return handle
+
+
+def serving(request: Request) -> Engine:
+    """The engine, once it is ready to serve (503 until warm): the inference routes' dependency."""
+    engine: Engine = request.app.state.engine
+    engine.require_ready()
+    return engine
+
+
+def json_response(body: BaseModel, status: int = 200) -> Response:
+    """`body` as JSON, leaving out fields that are None (absent rather than null)."""
+    return Response(body.model_dump_json(exclude_none=True), status, media_type="application/json")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Any) -> M:
+    """A raw body's JSON as `model`, refused as FastAPI's validation would be (one mapping)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise invalid_request(e.errors(include_url=False)) from None
+
+
+def deadline_s(timeout_s: float, images: int, batch_size: int, bulk: bool) -> float:
+    """How long a request may take: `timeout_s`, times the number of batches its images fill for
+    bulk work (which waits for queue room instead of being refused, so it may take longer)."""
+    return timeout_s * (-(-images // batch_size) if bulk else 1)
 
 
 def http_protocol(base: type | None = None, header_timeout_s: float | None = None) -> type:

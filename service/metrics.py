@@ -38,6 +38,10 @@ class Metrics:
                              ["encoder", "outcome"], registry=r)
         self.label_cache = Counter("limoe_label_cache_total", "label embedding lookups", ["result"], registry=r)
         self.label_cache_size = Gauge("limoe_label_cache_entries", "label embeddings cached", registry=r)
+        self.label_set_cache = Counter("limoe_label_set_cache_total", "lookups of a whole label set's class matrix",
+                                       ["result"], registry=r)
+        self.label_set_cache_bytes = Gauge("limoe_label_set_cache_bytes", "bytes of label-set class matrices cached",
+                                           registry=r)
         self.expert_tokens = Counter("limoe_expert_tokens_total", "tokens routed to an expert (all K choices)",
                                      ["layer", "modality", "expert"], registry=r)
         self.expert_dropped = Counter("limoe_expert_tokens_dropped_total",

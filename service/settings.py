@@ -54,11 +54,13 @@ class Settings(BaseSettings):
                                                          "408 beyond")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64)
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
-    max_labels: int = Field(100, ge=1)
+    max_labels: int = Field(1000, ge=1, description="candidate labels per request (ImageNet has 1000 classes)")
     max_label_chars: int = Field(200, ge=1)
     max_images_per_request: int = Field(16, ge=1)
     max_bulk_images: int = Field(256, ge=1)
     label_cache_size: int = Field(4096, ge=0, description="label embeddings kept (LRU)")
+    label_set_cache_mb: float = Field(64.0, ge=0, description="MiB of whole label sets' class matrices kept (LRU), "
+                                                             "so a label set seen before costs no per-label work")
 
     # --- security -------------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

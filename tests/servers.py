@@ -1,42 +1,23 @@
 """Real servers for tests: uvicorn in a thread (with any app, e.g. on a FakeBackend) or
-`limoe serve` in a subprocess (the real ONNX model, isolated like production)."""
+`limoe serve` in a subprocess (the real ONNX model, isolated like production). The subprocess is
+bench/_server.py's `Server`, the same code that starts the serving benchmarks' servers."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `bench` from the repository, also in subprocesses that import this module
+    sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base_url: str, timeout: float = 60.0, path: str = "/readyz", proc=None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text() if log else ''}")
-        try:
-            if httpx.get(base_url + path, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{base_url}{path} not ready after {timeout}s")
+from bench._server import Server, free_port, wait_ready
 
 
 @contextlib.contextmanager
@@ -58,27 +39,10 @@ def uvicorn_thread(app, ready_path: str = "/readyz", **config):
 
 @contextlib.contextmanager
 def serve_process(**env: str):
-    """`python -m limoe serve` on a free port with LIMOE_* overrides; yields (base URL, process)."""
-    port = free_port()
-    full_env = {**os.environ, "LIMOE_PORT": str(port), "LIMOE_LOG_LEVEL": "warning",
-                **{f"LIMOE_{k.upper()}": str(v) for k, v in env.items()}}
-    # Logs go to a file, never to a pipe nobody reads (a full pipe would block the server).
-    log = Path(tempfile.mkstemp(prefix="limoe-serve-", suffix=".log")[1])
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "limoe", "serve"], cwd=ROOT, env=full_env,
-                                stdout=sink, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc=proc, log=log)
-        proc.log = log
-        yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.unlink(missing_ok=True)
+    """`python -m limoe serve` on a free port with LIMOE_* overrides, ready; yields (base URL, process)."""
+    with Server(**env) as server:
+        server.wait_ready()
+        yield server.base, server.proc
 
 
 def serve_fails(env: dict) -> tuple[int, str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from limoe.onnx_encoder import OnnxEncoders
-from service.backends import DeviceError, OnnxBackend, check_device, load_manifest
+from service.backends import DeviceError, check_device, load_manifest, open_onnx
 from service.settings import Settings
 from servers import ROOT
 
@@ -44,7 +44,7 @@ def test_int8_graphs_on_cuda_are_warned_about(monkeypatch, caplog):
                                                                           "CPUExecutionProvider"]))
     manifest = load_manifest(Settings(model_store=STORE))  # the shipped default: int8 graphs only
     with caplog.at_level(logging.WARNING, logger="limoe.service"):
-        backend = OnnxBackend(manifest, device="auto")
+        backend = open_onnx(manifest, device="auto")
     assert backend.device == "CUDAExecutionProvider (int8)"
     assert any("runs its int8 graphs" in r.message and "--formats onnx" in r.message for r in caplog.records)
 
@@ -54,5 +54,5 @@ def test_fp32_graphs_on_cuda_are_not_warned_about(monkeypatch, caplog):
                                                                           "CPUExecutionProvider"]))
     manifest = load_manifest(Settings(model_store=STORE, model="limoe-tiny"))
     with caplog.at_level(logging.WARNING, logger="limoe.service"):
-        OnnxBackend(manifest, device="auto", quantized=False)
+        open_onnx(manifest, device="auto", quantized=False)
     assert not [r for r in caplog.records if "int8" in r.message]

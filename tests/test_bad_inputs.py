@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from tritonclient.utils import serialize_byte_tensor
 
 from servers import serve_process
 
@@ -291,6 +292,7 @@ def test_pillow_bomb_limit_is_still_413(server, client):
 
 
 def _peak_rss_mb(pid: int) -> int | None:
+    """The process's peak resident memory (VmHWM), which psutil does not report, or None off Linux."""
     status = Path(f"/proc/{pid}/status")
     if not status.exists():
         return None
@@ -714,7 +716,7 @@ def v2_inputs(image=GOOD_B64, labels=LABELS) -> list[dict]:
 
 
 def v2_binary(declared_header_len_extra: int = 0, image_size_extra: int = 0, count: int = 1):
-    tensor = struct.pack("<I", len(GOOD)) + GOOD
+    tensor = serialize_byte_tensor(np.array([GOOD], dtype=object)).item()  # Triton's BYTES: uint32 length + bytes
     header = json.dumps({"inputs": [
         {"name": "IMAGE", "datatype": "BYTES", "shape": [count],
          "parameters": {"binary_data_size": len(tensor) + image_size_extra}},

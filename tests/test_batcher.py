@@ -1,4 +1,5 @@
-"""The dynamic batcher on its own: batch formation, cancellation, overload, error isolation."""
+"""The dynamic batcher on its own: batch formation, chunks, cancellation, overload and reserved
+places (permits), error isolation."""
 
 import asyncio
 import math
@@ -8,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from limoe.onnx_encoder import EncoderOutput
-from service.batcher import DynamicBatcher
+from limoe.encoders import EncoderOutput
+from service.batcher import DynamicBatcher, Room
 from service.errors import Overloaded
 from service.metrics import Metrics
 
@@ -143,3 +144,100 @@ def test_results_do_not_depend_on_batch_neighbours():
 
     values = [3.0, 1.0, 4.0, 1.5, 9.0]
     np.testing.assert_array_equal(asyncio.run(main(values, 5)), asyncio.run(main(values, 1)))
+
+
+async def _until_taken(b: DynamicBatcher) -> None:
+    """Until the worker took everything queued: with max_wait 0 it is then inside its forward
+    pass (taking an item and starting the pass happen in one step of its task)."""
+    while b.depth:
+        await asyncio.sleep(0.001)
+
+
+def test_chunks_travel_together_and_no_batch_exceeds_max_batch():
+    async def main():
+        fn = Recorder()
+        fn.gate.clear()
+        b = _batcher(fn, max_batch=4, wait=0.0)
+        b.start()
+        first = b.submit(np.array([0.0]))
+        await _until_taken(b)  # the worker holds item 0 at the gate
+        three = await b.submit_many_wait(np.array([[1.0], [2.0], [3.0]]))
+        single = b.submit(np.array([4.0]))
+        two = await b.submit_many_wait(np.array([[5.0], [6.0]]))
+        three_more = await b.submit_many_wait(np.array([[7.0], [8.0], [9.0]]))
+        fn.gate.set()
+        results = await asyncio.gather(first, three, single, two, three_more)
+        await b.stop()
+        return fn, results
+
+    fn, (first, three, single, two, three_more) = asyncio.run(main())
+    # 3 + 1 fill a batch of 4; 2 + 3 would overflow it, so the chunk of 3 waits for the next pass
+    assert fn.batches == [[0.0], [1.0, 2.0, 3.0, 4.0], [5.0, 6.0], [7.0, 8.0, 9.0]]
+    assert [float(r.embedding[0]) for r in three] == [1.0, 2.0, 3.0]  # a chunk gets a list, in order
+    assert [float(r.embedding[0]) for r in three_more] == [7.0, 8.0, 9.0]
+    assert float(single.embedding[0]) == 4.0 and float(first.embedding[0]) == 0.0
+
+
+def test_chunks_are_at_most_a_batch():
+    async def main():
+        b = _batcher(Recorder(), max_batch=4, queue=3)
+        b.start()
+        assert b.chunk == 3  # a full batch would not fit in the queue
+        with pytest.raises(ValueError, match="1 to 3"):
+            await b.submit_many_wait(np.zeros((4, 1)))
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_reserved_places_are_kept_for_their_request():
+    async def main():
+        fn = Recorder()
+        fn.gate.clear()
+        b = _batcher(fn, max_batch=1, wait=0.0, queue=3)
+        b.start()
+        held = b.submit(np.array([0.0]))
+        await _until_taken(b)  # the worker holds item 0; 3 places are free
+        permit = b.reserve(2)
+        with pytest.raises(Overloaded, match="queue is full"):
+            b.reserve(2)  # 1 place left
+        other = b.submit(np.array([1.0]))  # takes the last free place
+        with pytest.raises(Overloaded, match="queue is full"):
+            b.submit(np.array([9.0]))
+        mine = b.submit(np.array([2.0]), permit)  # on a reserved place: no refusal
+        assert permit.left == 1 and b.room.used == 3
+        permit.release()  # the request needed only one of its two places
+        assert b.room.used == 2 and permit.left == 0
+        spare = b.submit(np.array([3.0]))
+        fn.gate.set()
+        results = await asyncio.gather(held, other, mine, spare)
+        await b.stop()
+        return results, b.room.used
+
+    results, used = asyncio.run(main())
+    assert [float(r.embedding[0]) for r in results] == [0.0, 1.0, 2.0, 3.0]
+    assert used == 0
+
+
+def test_room_serves_waiters_in_order_and_passes_on_a_cancelled_wait():
+    async def main():
+        room = Room(4)
+        assert room.try_take(3)
+        big = asyncio.ensure_future(room.take(2))  # 3 + 2 > 4: waits
+        small = asyncio.ensure_future(room.take(1))
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done()
+        assert not room.try_take(1)  # a place is free, but others wait for it first
+        big.cancel()
+        await asyncio.wait_for(small, 5)  # the cancelled wait no longer blocks the one behind it
+        assert room.used == 4
+        waiting = asyncio.ensure_future(room.take(2))
+        await asyncio.sleep(0)
+        room.give(1)
+        await asyncio.sleep(0)
+        assert not waiting.done()  # 1 free place is not 2
+        room.give(1)
+        await waiting
+        return room.used
+
+    assert asyncio.run(main()) == 4

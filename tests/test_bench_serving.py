@@ -41,7 +41,9 @@ def test_http_overhead():
     server = float(re.search(rf"^server: +{RATE} images/s", out, re.M)[1])
     raw = float(re.search(rf"^raw: +{RATE} images/s", out, re.M)[1])
     assert server > 0 and raw > 0
-    assert out.strip().splitlines()[-1] == f"ratio server/raw images/s: {server / raw:.3f}", out
+    last = re.fullmatch(r"ratio server/raw images/s: (\d+\.\d{3})", out.strip().splitlines()[-1])
+    assert last, out  # the ratio of the unrounded rates: within rounding of the printed ones (to 0.1)
+    assert (server - 0.05) / (raw + 0.05) - 0.0005 <= float(last[1]) <= (server + 0.05) / (raw - 0.05) + 0.0005, out
 
 
 def test_serve_latency():
@@ -63,3 +65,17 @@ def test_serve_memory():
                      out, re.M), out
     peak = int(re.search(r"^peak RSS (\d+) MiB \(target < 1024\)$", out, re.M)[1])
     assert peak == max(int(p[4]) for p in phases) and peak < 1024, out  # 8 x 25 MB bodies stay bounded
+
+
+def test_label_scaling():
+    out = run_bench("label_scaling.py", "--labels", "40", "--rounds", "2", "--requests", "3", "--cold-rounds", "1",
+                    load=False)
+    assert re.search(r"^raw text encoder, prompts/s by batch size: 1: \d+, .*32: \d+ \(best \d+\)$", out, re.M), out
+    assert re.search(rf"^cold 40 labels \(\d+ prompts\): server {RATE} s, raw at batch \d+ {RATE} s", out, re.M), out
+    assert re.search(rf"^ratio cold/raw: {RATE} \(target <= 1\)$", out, re.M), out
+    warm = {int(n): float(ms) for n, ms in re.findall(rf"^warm +(\d+) labels: median {RATE} ms over 6 requests",
+                                                      out, re.M)}
+    assert set(warm) == {2, 40}, out
+    last = re.fullmatch(r"ratio 40/2 labels warm: (\d+\.\d{3})", out.strip().splitlines()[-1])
+    assert last, out  # the ratio of the unrounded medians: within rounding of the printed ones
+    assert abs(float(last[1]) - warm[40] / warm[2]) <= 0.01, out

@@ -21,3 +21,13 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "limoe", "info", "small"], capture_output=True,
                          text=True, check=True).stdout
     assert out.startswith("preset") and "\nsmall " in out
+
+
+def test_set_overrides_parse_json_values_and_keep_the_rest_as_strings():
+    from limoe.cli import parse_overrides
+
+    assert parse_overrides(["width=128", "router_noise_std=0.125", "batch_priority=false", "image_mean=[0.5,0.5,0.5]",
+                            "aux_loss=classic", "moe_layers=1,3", "moe_layers_=every_2", "x=tiny"]) == {
+        "width": 128, "router_noise_std": 0.125, "batch_priority": False, "image_mean": [0.5, 0.5, 0.5],
+        "aux_loss": "classic", "moe_layers": "1,3", "moe_layers_": "every_2", "x": "tiny"}
+    assert parse_overrides(None) == {}

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from limoe.data import npm
 from limoe.data.cli import add_data_parser
-from limoe.data.dataset import MixDataset, MixSampler, MixStream, apportion, parse_mix
+from limoe.data.dataset import MixDataset, parse_mix
 from limoe.data.emoji import emoji_captions, emojibase_index, normalize_code, prepare_emoji
 from limoe.data.format import SPLITS, iter_jsonl, png_bytes, read_meta, split_for, validate_item
 from limoe.data.icons import icon_captions, prepare_icons
@@ -355,7 +354,6 @@ def test_parse_mix_forms():
                                                                                       ("icons", 1.0)]
     with pytest.raises(ValueError):
         parse_mix("emoji:-1")
-    assert apportion(7, [2, 1, 0.5]) == [4, 2, 1] and sum(apportion(2000, [2, 1, 0.5])) == 2000
 
 
 def test_items_and_mix_weights_give_the_proportions(cache):
@@ -364,59 +362,14 @@ def test_items_and_mix_weights_give_the_proportions(cache):
     assert set(ex) >= {"pixels", "caption", "label", "source", "style"}
     assert ex["pixels"].shape == (3, 16, 16) and ex["pixels"].dtype == np.float32
     assert ex["caption"] in ds.items[0]["captions"] and ds[0]["caption"] == ex["caption"]  # seeded
+    # the per-item sample weights (what limoe.train.StepSampler draws from): each source's items
+    # together carry its share of the mix weights (2, 1, 0.5, 0.5 of 4), spread evenly over them
     want = {"scenes": 2 / 4, "mnist": 1 / 4, "icons": 0.5 / 4, "emoji": 0.5 / 4}
-    # epoch plans: exact (largest remainders)
-    got = collections.Counter(ds.items[i]["source"] for i in ds.plan(0, 2000))
-    assert got == {k: round(v * 2000) for k, v in want.items()}
-    # random draws with the per-item sample weights (what limoe.train.StepSampler does)
-    idx = np.random.default_rng(0).choice(len(ds), 2000, p=ds.sample_weights)
-    got = collections.Counter(ds.items[i]["source"] for i in idx)
-    for k, v in want.items():
-        assert abs(got[k] / 2000 - v) < 0.03, (k, got)
-    # no repeats within a source before its items run out, across epochs too
-    small = MixDataset("emoji", "all", PRE, cache)
-    assert sorted(np.concatenate([small.plan(e, 7) for e in (0, 1)])) == list(range(14))
-
-
-def _collect(loader):
-    out = []
-    for batch in loader:
-        out += list(zip(batch["index"].tolist(), batch["caption"], batch["source"]))
-    return out
-
-
-def test_dataloader_workers_yield_the_same_multiset(cache):
-    ds = MixDataset("scenes:2,mnist:1,emoji:1", "train", PRE, cache, seed=1)
-    stream = MixStream(ds, num_samples=120, rank=0, world_size=1)
-    zero = _collect(torch.utils.data.DataLoader(stream, batch_size=16, num_workers=0))
-    two = _collect(torch.utils.data.DataLoader(stream, batch_size=16, num_workers=2))
-    assert len(zero) == 120 and sorted(zero) == sorted(two)
-    assert _collect(torch.utils.data.DataLoader(stream, batch_size=16)) == zero  # deterministic
-    stream.set_epoch(1)
-    assert sorted(_collect(torch.utils.data.DataLoader(stream, batch_size=16))) != sorted(zero)
-    # the same plan through the map-style dataset and a sampler
-    sampler = MixSampler(ds, num_samples=120, rank=0, world_size=1)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=120, sampler=sampler, num_workers=2)))
-    assert sorted(batch["index"].tolist()) == sorted(i for i, _, _ in zero)
-
-
-def test_ranks_are_disjoint_and_cover_the_data(cache):
-    ds = MixDataset("scenes:1,mnist:3", "all", PRE, cache, seed=2)
-    r0, r1 = ds.shard_indices(0, 2), ds.shard_indices(1, 2)
-    assert not set(r0) & set(r1) and sorted([*r0, *r1]) == list(range(len(ds)))
-    seen = [set(), set()]
-    for rank in (0, 1):
-        for epoch in range(3):
-            plan = ds.plan(epoch, 100, rank, 2)
-            assert set(plan) <= set(ds.shard_indices(rank, 2))
-            seen[rank] |= set(plan)
-        ex = {d["index"] for d in MixStream(ds, num_samples=40, rank=rank, world_size=2)}
-        assert ex <= set(ds.shard_indices(rank, 2))
-    assert not seen[0] & seen[1]
-    # one source with its natural size: one epoch per rank is exactly its shard, both together all items
-    one = MixDataset("mnist", "all", PRE, cache)
-    plans = [one.plan(0, None, r, 2) for r in (0, 1)]
-    assert sorted(np.concatenate(plans).tolist()) == list(range(len(one)))
+    w = ds.sample_weights
+    assert [s.name for s in ds.sources] == list(want)
+    for s in ds.sources:
+        assert s.size > 0 and w[s.start:s.stop] == pytest.approx(np.full(s.size, want[s.name] / s.size), rel=1e-12)
+    assert w.sum() == pytest.approx(1.0, rel=1e-12)
 
 
 # -- CLI -----------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards
 METRICS = {
     "limoe_requests_total", "limoe_request_duration_seconds", "limoe_queue_wait_seconds",
     "limoe_preprocess_seconds", "limoe_inference_seconds", "limoe_batch_size", "limoe_queue_depth",
-    "limoe_items_total", "limoe_label_cache_total", "limoe_label_cache_entries",
+    "limoe_items_total", "limoe_label_cache_total", "limoe_label_cache_entries", "limoe_label_set_cache_total",
+    "limoe_label_set_cache_bytes",
     "limoe_expert_tokens_total", "limoe_expert_tokens_dropped_total", "limoe_model_info", "limoe_ready",
 }
 # What the dashboard has to show, at the least.

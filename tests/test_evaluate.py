@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from limoe.evaluate import (EvalSet, Encoders, evaluate, format_results, n_way_accuracy, retrieval_recall,
-                            routing_analysis, topk_accuracy)
+from limoe.encoders import TorchEncoders
+from limoe.evaluate import (EvalSet, evaluate, format_results, n_way_accuracy, retrieval_recall, routing_analysis,
+                            topk_accuracy)
+from limoe.onnx_encoder import OnnxEncoders
 
 
 def test_topk_accuracy_by_hand():
@@ -70,8 +72,8 @@ def test_checkpoint_and_export_evaluate_the_same(exported):
     pixels = torch.randn(12, 3, cfg.image_size, cfg.image_size, generator=g).numpy()
     labels = ["red circle", "blue square", "cat"] * 4
     sets = [EvalSet("toy", pixels, labels, captions=[f"a {x}" for x in labels])]
-    a = evaluate(Encoders.from_checkpoint(ckpt), sets)
-    b = evaluate(Encoders.from_store_entry(entry), sets)
+    a = evaluate(TorchEncoders.from_checkpoint(ckpt), sets)
+    b = evaluate(OnnxEncoders.from_entry(entry), sets)
     assert a["zero_shot"] == b["zero_shot"] and a["retrieval"] == b["retrieval"]
     assert a["routing"]["layers"][0]["usage"] == b["routing"]["layers"][0]["usage"]
     assert a["zero_shot"]["toy"]["classes"] == 3 and a["retrieval"]["toy"]["pairs"] == 12
@@ -106,8 +108,9 @@ def test_dropless_and_capacity_are_reported_side_by_side(exported):
     pixels = torch.randn(12, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)).numpy()
     labels = ["red circle", "blue square", "cat"] * 4
     sets = [EvalSet("toy", pixels, labels, captions=[f"a {x}" for x in labels])]
-    dropless = evaluate(Encoders.from_checkpoint(ckpt), sets)
-    capacity = evaluate(Encoders.from_checkpoint(ckpt, inference_routing="capacity", eval_capacity_factor=0.5), sets)
+    dropless = evaluate(TorchEncoders.from_checkpoint(ckpt), sets)
+    capacity = evaluate(TorchEncoders.from_checkpoint(ckpt, inference_routing="capacity", eval_capacity_factor=0.5),
+                        sets)
     assert all(r["dropped_rate"]["image"] == 0 for r in dropless["routing"]["layers"])
     assert all(r["dropped_rate"]["image"] > 0 for r in capacity["routing"]["layers"])  # the peaky router overflows
     both = with_capacity(dropless, capacity, 0.5)

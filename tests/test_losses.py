@@ -94,6 +94,26 @@ def test_contrastive_loss_hand_values():
     assert contrastive_loss(eye, swapped, t(0.0)).item() == pytest.approx(math.log(1 + math.e), abs=1e-6)
 
 
+def test_multi_positive_contrastive_hand_values():
+    # Pairs 0 and 1 show one text: t0 = t1 = e0, and t2 = e1; images equal their texts.
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    txt = img.clone()
+    pos = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    # logits (scale 1) = [[1,1,0],[1,1,0],[0,0,1]] in both directions. Rows 0, 1 target (1/2, 1/2, 0):
+    # CE = log(2e + 1) - 1; row 2 targets itself: CE = log(2 + e) - 1.
+    row01, row2 = math.log(2 * math.e + 1) - 1, math.log(2 + math.e) - 1
+    expected = (2 * row01 + row2) / 3
+    assert contrastive_loss(img, txt, t(0.0), pos).item() == pytest.approx(expected, abs=1e-6)
+    # With the identity as target, rows 0 and 1 pay for the duplicate: CE = log(2e + 1) - 1 as well,
+    # but the gradient pushes t0 away from image 1; the multi-positive loss is lower.
+    assert contrastive_loss(img, txt, t(0.0), pos) < contrastive_loss(img, txt, t(0.0)) + 1e-6
+    # No positive besides the diagonal: exactly the classic loss.
+    torch.manual_seed(0)
+    a, b = (torch.nn.functional.normalize(torch.randn(5, 4), dim=-1) for _ in range(2))
+    none = torch.zeros(5, 5, dtype=torch.bool)
+    assert contrastive_loss(a, b, t(1.0), none).item() == pytest.approx(contrastive_loss(a, b, t(1.0)).item(), abs=1e-6)
+
+
 def test_contrastive_loss_prefers_aligned_pairs():
     torch.manual_seed(0)
     z = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1)

@@ -2,10 +2,16 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from limoe.model_store import ModelStore, ModelStoreError, check_identifier, file_record, verify
+from limoe.encoders import MoEInfo
+from limoe.model_store import (FileRecord, ModelStore, ModelStoreError, check_identifier, file_record, read_manifest,
+                               verify)
+from limoe.preprocess import PreprocessConfig
+
+SHIPPED = Path(__file__).resolve().parent.parent / "model_store"
 
 
 @pytest.fixture
@@ -108,3 +114,46 @@ def test_unknown_name_or_version_lists_what_exists(store):
         store.resolve("nope")
     with pytest.raises(ModelStoreError, match=r"has no version '7' \(available: 1\)"):
         store.resolve("tiny", "7")
+
+
+def test_the_manifest_is_parsed_into_types_once(exported, store):
+    model, _, _, _ = exported
+    cfg = model.cfg
+    m = store.load("tiny")
+    assert m.preprocess == PreprocessConfig(16, tuple(cfg.image_mean), tuple(cfg.image_std), "bicubic", (255, 255, 255))
+    assert m.moe == MoEInfo(layers=(1, 2), num_experts=4, top_k=2, inference_routing="dropless", onnx_op="standard",
+                            eval_capacity_factor=0.5, batch_priority=True)
+    assert m.image_tokens == cfg.num_patches and m.context_length == cfg.context_length
+    assert m.embedding_size == cfg.embed_dim and m.logit_scale > 0 and m.templates[0].count("{}") == 1
+    assert m.files["tokenizer.json"] == FileRecord(**file_record(_entry(store) / "tokenizer.json"))
+    assert m.roles["image_onnx"] == "image_encoder.onnx"
+
+
+def test_the_shipped_manifests_read_as_they_are_on_disk():
+    """limoe-small/1 was exported before dropless inference: no moe.inference_routing, which
+    means capacity routing."""
+    small = read_manifest(SHIPPED / "limoe-small" / "1")
+    assert small.moe.inference_routing == "capacity" and small.moe.onnx_op == "standard"
+    assert small.moe.layers == (1, 3, 5) and small.preprocess.image_size == 64
+    assert read_manifest(SHIPPED / "limoe-tiny" / "1").moe.inference_routing == "dropless"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("preprocessing", {"image_size": 16, "mean": [0.5, 0.5], "std": [0.5] * 3}, r"'mean' must be 3 numbers"),
+    ("preprocessing", {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "resample": "magic"},
+     r"'resample' must be one of bicubic"),
+    ("preprocessing", {"image_size": 16, "mean": [0.5] * 3, "std": [0.0] * 3}, r"'std' must be positive"),
+    ("moe", {"layers": [1], "top_k": 1}, r"has no 'num_experts'"),
+    ("moe", {"layers": [1], "num_experts": 2, "top_k": 3}, r"1 <= top_k <= num_experts"),
+    ("logit_scale", -1.0, r"must be a positive number, not -1.0"),
+    ("context_length", "8", r"must be a positive integer, not '8'"),
+    ("graphs", {"text": {"tokens": 8}}, r"\.image\.tokens': must be a positive integer, not None"),
+    ("templates", ["no placeholder"], r"one '\{\}' each"),
+])
+def test_a_malformed_field_is_refused_when_the_entry_is_opened(store, field, value, message):
+    path = _entry(store) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[field] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelStoreError, match=rf"manifest.json: manifest field '{field.split('.')[0]}.*{message}"):
+        store.load("tiny")

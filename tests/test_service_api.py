@@ -92,12 +92,12 @@ def test_explain_shows_routing_per_layer(server):
     base, fake = server
     res = classify(base, [png()], explain=True).json()["results"][0]
     routing = res["routing"]
-    assert routing["modality"] == "image" and routing["num_experts"] == fake.num_experts
-    assert routing["grid"] ** 2 == fake.manifest["graphs"]["image"]["tokens"]
-    assert [layer["layer"] for layer in routing["layers"]] == fake.manifest["moe"]["layers"]
+    assert routing["modality"] == "image" and routing["num_experts"] == fake.moe.num_experts
+    assert routing["grid"] ** 2 == fake.manifest.image_tokens
+    assert [layer["layer"] for layer in routing["layers"]] == list(fake.moe.layers)
     for layer in routing["layers"]:
-        assert sum(layer["tokens_per_expert"]) == fake.manifest["graphs"]["image"]["tokens"]
-        assert len(layer["top1_expert"]) == fake.manifest["graphs"]["image"]["tokens"]
+        assert sum(layer["tokens_per_expert"]) == fake.manifest.image_tokens
+        assert len(layer["top1_expert"]) == fake.manifest.image_tokens
 
 
 def test_label_embeddings_are_cached(server):
@@ -108,7 +108,7 @@ def test_label_embeddings_are_cached(server):
     after_first = sum(n for m, n in fake.calls if m == "text")
     classify(base, [png((1, 2, 3))], labels=labels)
     after_second = sum(n for m, n in fake.calls if m == "text")
-    templates = len(fake.manifest["templates"])
+    templates = len(fake.manifest.templates)
     assert after_first - before == len(labels) * templates  # every prompt once
     assert after_second == after_first  # repeated label set: image encoder only
     metrics = httpx.get(f"{base}/metrics").text
@@ -172,7 +172,8 @@ def test_models_and_openapi(server):
     spec = httpx.get(f"{base}/openapi.json").json()
     classify_doc = spec["paths"]["/v1/classify"]["post"]
     assert {"multipart/form-data", "application/json"} <= set(classify_doc["requestBody"]["content"])
-    assert "example" in classify_doc["requestBody"]["content"]["application/json"]
+    request_schema = classify_doc["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+    assert spec["components"]["schemas"][request_schema]["examples"]  # generated from the model, with examples
     for path in ("/", "/models/{name}", "/v1/classify/bulk", "/v1/embed", "/v2/models/{name}/infer", "/metrics"):
         assert path in spec["paths"], path
 
@@ -266,6 +267,43 @@ def test_request_metrics_use_route_templates(server):
                  "limoe_preprocess_seconds_bucket", "limoe_queue_depth", 'limoe_expert_tokens_total{expert="0",layer="1",modality="image"}',
                  'modality="text"', "limoe_model_info"):
         assert name in text, name
+
+
+def test_the_engine_answers_in_arrays():
+    """Engine.classify gives a request's (N, C) probabilities in label order, each image's error
+    and its routing; the adapters sort and shape. Checked against the fake encoders directly."""
+    import asyncio
+
+    from limoe.preprocess import open_image, preprocess_image
+    from limoe.zeroshot import build_zero_shot_classifier, softmax
+    from service.engine import Engine
+    from service.metrics import Metrics
+
+    fake = FakeBackend()
+    engine = Engine(fake, settings(), Metrics())
+    labels = ["dog", "cat", "red circle"]
+
+    async def run():
+        await engine.start()
+        try:
+            return await engine.classify([png(), b"not an image"], labels, engine.check_templates(None))
+        finally:
+            await engine.stop()
+
+    scores = asyncio.run(run())
+    pixels = preprocess_image(open_image(png()), fake.preprocess)[None]
+    image = fake.encode_images(pixels)
+    w = build_zero_shot_classifier(lambda ids: fake.encode_tokens(ids).embeddings, fake.tokenizer, labels,
+                                   fake.manifest.templates)
+    assert scores.probs.shape == (2, 3) and scores.probs.dtype == np.float32
+    assert scores.probs[0] == pytest.approx(softmax(fake.logit_scale * image.embeddings[0] @ w), abs=1e-6)
+    assert scores.errors[0] is None and scores.errors[1].code == "invalid_image"
+    assert not scores.probs[1].any() and scores.routing[1] is None
+    routing = scores.routing[0]  # the fake routes every patch to one expert (K = 1), dropping none
+    top1 = image.expert_index[0, ..., 0]  # (M, T)
+    assert routing.top1.tolist() == top1.tolist() and routing.dropped.tolist() == [0] * len(fake.moe.layers)
+    assert routing.tokens_per_expert.tolist() == [np.bincount(row, minlength=fake.moe.num_experts).tolist()
+                                                  for row in top1]
 
 
 def test_warm_up_sizes_grow_linearly():

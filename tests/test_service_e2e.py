@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def expected_scores(image: bytes, labels=LABELS) -> dict[str, float]:
     pixels = preprocess_image(open_image(image), enc.preprocess)[None]
     img = enc.encode_images(pixels).embeddings[0]
     w = build_zero_shot_classifier(lambda ids: enc.encode_tokens(ids).embeddings, enc.tokenizer, labels,
-                                   enc.manifest.data["templates"])
+                                   enc.manifest.templates)
     return dict(zip(labels, softmax(enc.logit_scale * img @ w).tolist()))
 
 

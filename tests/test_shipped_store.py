@@ -4,8 +4,10 @@ from pathlib import Path
 
 import numpy as np
 
+from limoe.encoders import batch_independence
 from limoe.model_store import ModelStore
-from limoe.onnx_encoder import OnnxEncoders
+from limoe.onnx_encoder import OnnxEncoders, OnnxGraph
+from limoe.tokenizer import Tokenizer
 
 STORE = Path(__file__).resolve().parent.parent / "model_store"
 
@@ -18,38 +20,30 @@ def test_every_shipped_entry_verifies_and_encodes():
             enc = OnnxEncoders(store.load(name, version))
             size = enc.preprocess.image_size
             out = enc.encode_images(np.zeros((2, 3, size, size), np.float32))
-            text = enc.encode_texts(["a red circle", "a blue square"])
-            assert out.embeddings.shape == text.embeddings.shape == (2, enc.manifest.data["embedding_size"])
+            text = enc.encode_tokens(enc.tokenizer.encode(["a red circle", "a blue square"]))
+            assert out.embeddings.shape == text.embeddings.shape == (2, enc.manifest.embedding_size)
             np.testing.assert_allclose(np.linalg.norm(text.embeddings, axis=-1), 1.0, rtol=1e-5)
 
 
 def test_every_shipped_graph_gives_an_item_the_same_answer_in_any_batch():
     """Every ONNX graph of every entry, image and text, fp32 and int8: a batch of 5 against each
-    item alone, within 1e-4 (the int8 graphs have fixed activation scales)."""
-    import onnxruntime as ort
-
+    item alone, within 1e-4 (the int8 graphs have fixed activation scales), the same experts and drops."""
     rng = np.random.default_rng(0)
     store = ModelStore(STORE)
     checked = 0
     for name in store.names():
         for version in store.versions(name):
             manifest = store.load(name, version)
-            enc = OnnxEncoders(manifest, quantized=not manifest.has("image_onnx"))
-            size = enc.preprocess.image_size
-            feeds = {"image": {"images": rng.standard_normal((5, 3, size, size)).astype(np.float32)},
-                     "text": {"tokens": enc.tokenizer.encode(["a red circle", "cat", "a very long caption about "
-                                                              "a small green house", "x", "rocket ship"])}}
+            size = manifest.preprocess.image_size
+            tokenizer = Tokenizer.load(manifest.file("tokenizer"))
+            inputs = {"image": rng.standard_normal((5, 3, size, size)).astype(np.float32),
+                      "text": tokenizer.encode(["a red circle", "cat", "a very long caption about a small green house",
+                                                "x", "rocket ship"])}
             for role in ("image_onnx", "text_onnx", "image_onnx_int8", "text_onnx_int8"):
-                if not manifest.has(role):
-                    continue
-                session = ort.InferenceSession(str(manifest.file(role)), providers=["CPUExecutionProvider"])
-                (key, x), = feeds[role.split("_")[0]].items()
-                together = session.run(None, {key: x})
-                for i in range(5):
-                    for a, t in zip(session.run(None, {key: x[i:i + 1]}), together):
-                        np.testing.assert_allclose(a[0], t[i], atol=1e-4, rtol=0,
-                                                   err_msg=f"{name}/{version} {role} item {i}")
-                checked += 1
+                if manifest.has(role):
+                    worst = batch_independence(OnnxGraph(manifest.file(role)), inputs[role.split("_")[0]])
+                    assert worst <= 1e-4, f"{name}/{version} {role}: {worst}"
+                    checked += 1
     assert checked >= 4
 
 

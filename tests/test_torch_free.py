@@ -3,6 +3,9 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+STORE = Path(__file__).resolve().parent.parent / "model_store"
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -21,6 +24,8 @@ SCRIPT = textwrap.dedent("""
     from limoe.templates import DEFAULT_TEMPLATES
     from limoe.tokenizer import Tokenizer
     from limoe.zeroshot import build_zero_shot_classifier
+    from limoe.onnx_encoder import OnnxEncoders
+    import service.app  # the whole service, whose default backend is ONNX Runtime
 
     cfg = get_config("small")
     buf = io.BytesIO(); Image.new("RGB", (5, 7), (1, 2, 3)).save(buf, "PNG")
@@ -28,6 +33,10 @@ SCRIPT = textwrap.dedent("""
     tok = Tokenizer.train(["a cat", "a dog"], vocab_size=300, context_length=cfg.context_length)
     w = build_zero_shot_classifier(lambda ids: np.ones((len(ids), 4)) + ids[:, :4], tok,
                                    ["cat", "dog"], DEFAULT_TEMPLATES)
+    enc = OnnxEncoders.from_store(sys.argv[1], "limoe-tiny")  # the encoder pair the service runs
+    size = enc.preprocess.image_size
+    out = enc.encode_images(np.zeros((1, 3, size, size), np.float32))
+    assert out.embeddings.shape == (1, enc.manifest.embedding_size) and out.expert_index.shape[1] == len(enc.moe.layers)
     try:
         import torch
     except ImportError:
@@ -36,6 +45,6 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_serving_modules_work_without_torch():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(STORE)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok (3, 64, 64) (4, 2) False"

@@ -15,7 +15,9 @@ from limoe.checkpoint import load_checkpoint, read_tokenizer
 from limoe.config import get_config
 from limoe.model import LIMoE
 from limoe.tokenizer import Tokenizer
-from limoe.train import StepSampler, TrainConfig, learning_rate, make_optimizer, train
+from limoe.templates import DEFAULT_TEMPLATES
+from limoe.train import (StepSampler, TrainConfig, equal_text_positives, learning_rate, load_batch, make_optimizer, train,
+                         training_texts)
 
 COLORS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
@@ -68,6 +70,31 @@ def test_step_sampler_is_a_function_of_the_step_and_splits_ranks():
     weighted = StepSampler(3, 3000, seed=0, weights=np.array([1.0, 0.0, 3.0]))
     counts = np.bincount(weighted.indices(0), minlength=3)
     assert counts[1] == 0 and abs(counts[2] / counts[0] - 3) < 0.5
+
+
+def test_equal_text_positives_pairs_equal_texts_and_never_empty_ones():
+    pos = equal_text_positives(["cat", "dog", "cat", "", ""])
+    assert pos.tolist() == [[True, False, True, False, False],
+                            [False, True, False, False, False],
+                            [True, False, True, False, False],
+                            [False, False, False, True, False],
+                            [False, False, False, False, True]]
+
+
+def test_template_captions_are_seeded_and_use_the_zero_shot_prompts():
+    data, cfg = ColorSquares(), get_config("tiny")
+    tok = Tokenizer.train(list(training_texts([data[i] for i in range(4)], template_prob=1.0)),
+                          vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+    idx = list(range(8))
+    never = load_batch(data, idx, seed=0, step=3, tokenizer=tok, template_prob=0.0)
+    always = load_batch(data, idx, seed=0, step=3, tokenizer=tok, template_prob=1.0)
+    again = load_batch(data, idx, seed=0, step=3, tokenizer=tok, template_prob=1.0)
+    assert torch.equal(always.tokens, again.tokens) and always.texts == again.texts
+    for k, i in enumerate(idx):
+        item = data[i]
+        assert always.texts[k] in {t.format(item["label"]) for t in DEFAULT_TEMPLATES}
+        assert never.texts[k] in item["captions"]
+    assert torch.equal(always.tokens, torch.from_numpy(tok.encode(always.texts)))
 
 
 def test_training_learns_logs_and_resumes_exactly(tmp_path):
@@ -144,10 +171,11 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--data", "scenes", "--cache", str(tmp_path / "cache"), "--out", str(out),
                  "--steps", "3", "--batch-size", "8", "--workers", "0", "--warmup", "1"]) == 0
     assert main(["eval", str(out / "model.safetensors"), "--cache", str(tmp_path / "cache"), "--limit", "50",
-                 "--plots", str(tmp_path / "plots")]) == 0
+                 "--plots", str(tmp_path / "plots"), "--template", "{}", "--template", "a picture of {}"]) == 0
     printed = capsys.readouterr().out
     assert "scenes/held-out colour-shape pairs" in printed and "routing layer" in printed
     results = json.loads((out / "eval.json").read_text())
+    assert results["templates"] == ["{}", "a picture of {}"]
     held = results["zero_shot"]["scenes/held-out colour-shape pairs"]
     assert 0 <= held["top1"] <= held["top5"] <= 1 and 2 <= held["classes"] <= 8  # the 8 held-out pairs
     assert (tmp_path / "plots" / "expert_usage.png").exists() and (tmp_path / "plots" / "routing_maps.png").exists()
@@ -156,8 +184,10 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     from limoe.model_store import read_manifest
 
     assert read_metadata(out / "model.safetensors")[1]["eval"]["zero_shot"] == results["zero_shot"]
-    assert main(["export", str(out / "model.safetensors"), "--name", "t", "--store", str(tmp_path / "store")]) == 0
+    assert main(["export", str(out / "model.safetensors"), "--name", "t", "--store", str(tmp_path / "store"),
+                 "--template", "{}", "--template", "a picture of {}"]) == 0
     entry = tmp_path / "store" / "t" / "1"
+    assert read_manifest(entry).templates == ("{}", "a picture of {}")  # the service's default prompts
     assert read_manifest(entry).data["evaluation"]["zero_shot"] == results["zero_shot"]
     assert main(["eval", str(entry), "--cache", str(tmp_path / "cache"), "--limit", "50"]) == 0
     from limoe.model_store import verify
@@ -167,6 +197,7 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     card = (entry / "MODEL_CARD.md").read_text()
     assert "![Expert usage by modality, per MoE layer](expert_usage.png)" in card and "10-way top-1" in card
     assert "| scenes/held-out colour-shape pairs |" in card and "steps of batch 8" in card and "data mix `scenes`" in card
+    assert "prompts: `{}`, `a picture of {}`" in card  # the entry's eval ran with the entry's own templates
     again = read_manifest(entry).data["evaluation"]["zero_shot"]  # the ONNX export on the same images
     for name, r in results["zero_shot"].items():  # equal up to near-ties flipped by 1e-7 differences
         assert again[name]["top1"] == pytest.approx(r["top1"], abs=0.05)

@@ -4,19 +4,13 @@
     ds[i]  -> {"pixels": float32 (3, R, R), "caption": str, "label": str, "source": str,
                "style": str, "index": int}
 
-Why a map-style Dataset at the core, with an IterableDataset on top:
-  * random access (`ds[i]`, `len(ds)`) is what deterministic, resumable training needs: the
-    trainer's step sampler (limoe.train.StepSampler) draws the indices of step s from (seed, s)
-    and `ds.sample_weights` (per item: source weight / source size, so sources are drawn in
-    proportion to their mix weights), and torch's DistributedSampler works on it unchanged;
-  * `MixSampler` (a torch Sampler) and `MixStream` (an IterableDataset) give epoch-style
-    weighted mixing with rank sharding: each rank owns a fixed, disjoint part of every source
-    (a seeded permutation, every world_size-th item) and each epoch takes from each source a
-    count proportional to its weight (largest remainders), walking that source's part in seeded
-    passes so nothing repeats before the whole part was seen. `MixStream` splits its rank's plan
-    over DataLoader workers by position, so 0 or N workers yield the same multiset.
+A map-style Dataset: random access (`ds[i]`, `len(ds)`) is what deterministic, resumable
+training needs. The trainer's step sampler (limoe.train.StepSampler, the one sampler) draws the
+indices of step s from (seed, s) and `ds.sample_weights` (per item: source weight / source size,
+so sources are drawn in proportion to their mix weights); torch's DistributedSampler works on it
+unchanged.
 
-Everything is a pure function of (seed, epoch, rank, world_size): caption choice included.
+Everything is a pure function of the seed: caption choice included.
 Images go through limoe.preprocess (open_image, preprocess_image) exactly as at serving time.
 """
 
@@ -26,14 +20,13 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import Dataset
 
 from limoe.config import get_config
 from limoe.data.format import SPLITS, default_cache_dir
@@ -95,18 +88,6 @@ def parse_mix(mix: MixSpec) -> list[MixEntry]:
     return entries
 
 
-def apportion(total: int, weights: Sequence[float]) -> list[int]:
-    """Integer counts summing to `total`, proportional to `weights` (largest remainders, ties to
-    the earlier entry)."""
-    w = np.asarray(weights, np.float64)
-    exact = total * w / w.sum()
-    counts = np.floor(exact).astype(np.int64)
-    order = sorted(range(len(w)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: total - int(counts.sum())]:
-        counts[i] += 1
-    return [int(c) for c in counts]
-
-
 @dataclass
 class SourceInfo:
     name: str  # what the items' "source" says (from the source's SOURCE.json or file name)
@@ -133,7 +114,7 @@ class MixDataset(Dataset):
     mix        what MixSpec allows (see parse_mix); names are looked up in `cache`
     split      "train" | "val" | "test" | "all" | a list of them
     preprocess PreprocessConfig (default: the `small` preset's: 64 px, CLIP mean/std)
-    seed       for caption choice (and MixSampler/MixStream plans)
+    seed       for caption choice
     where      {"field": value or [values]} filters on item fields and extras, e.g.
                {"style": "twitter"} or {"heldout": [None, "style"]}
     verify     image check when loading users' data: "header" (default), "decode" or "none"
@@ -179,18 +160,16 @@ class MixDataset(Dataset):
         return len(self.items)
 
     def set_epoch(self, epoch: int) -> None:
-        """Changes which caption __getitem__ picks (MixSampler/MixStream have their own)."""
+        """Changes which caption __getitem__ picks."""
         self.epoch = int(epoch)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.example(int(i), (self.epoch, int(i)))
-
-    def example(self, i: int, caption_key: Sequence[int]) -> dict[str, Any]:
-        """Item i with its caption drawn by np.random.default_rng([seed, *caption_key])."""
+        """Item i with its caption drawn by np.random.default_rng([seed, epoch, i])."""
+        i = int(i)
         j, pixels = self._pixels(i)
         item = self.items[j]
         caps = item["captions"]
-        rng = np.random.default_rng([self.seed, *[int(k) for k in caption_key]])
+        rng = np.random.default_rng([self.seed, self.epoch, i])
         out = {"pixels": pixels, "caption": caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0],
                "label": item["label"], "source": item["source"], "style": item["style"], "index": j}
         if self.return_captions:
@@ -228,54 +207,7 @@ class MixDataset(Dataset):
             w[s.start:s.stop] = s.weight / total / s.size
         return w
 
-    def source_parts(self, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
-        """Per source, the item indices rank `rank` of `world_size` owns: a seeded permutation of the
-        source, every world_size-th element from position `rank`. Disjoint across ranks, together
-        all items."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        parts = []
-        for k, s in enumerate(self.sources):
-            perm = np.random.default_rng([self.seed, 7919, k]).permutation(s.size) + s.start
-            parts.append(perm[rank::world_size])
-        return parts
-
-    def shard_indices(self, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        return np.sort(np.concatenate(self.source_parts(rank, world_size)))
-
-    def plan(self, epoch: int = 0, num_samples: int | None = None, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """The item indices rank `rank` draws in `epoch`: `num_samples` of them (default: as many
-        as the rank owns), split over sources by their weights, shuffled (seeded)."""
-        parts = self.source_parts(rank, world_size)
-        active = [k for k, s in enumerate(self.sources) if len(parts[k]) and s.weight > 0]
-        n = sum(len(parts[k]) for k in active) if num_samples is None else int(num_samples)
-        counts = apportion(n, [self.sources[k].weight for k in active]) if active else []
-        chosen = []
-        for k, c in zip(active, counts):
-            part, size = parts[k], len(parts[k])
-            pos = epoch * c  # continue where the previous epoch stopped: passes over the part, no repeats within one
-            while c > 0:
-                p, off = divmod(pos, size)
-                perm = np.random.default_rng([self.seed, 104729, k, rank, world_size, p]).permutation(size)
-                take = min(c, size - off)
-                chosen.append(part[perm[off:off + take]])
-                pos, c = pos + take, c - take
-        out = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
-        return out[np.random.default_rng([self.seed, 15485863, epoch, rank, world_size]).permutation(len(out))]
-
     # -- reporting -------------------------------------------------------------------------------
-    def counts(self) -> dict[str, dict[str, int]]:
-        """{source: {style: n}} of the loaded items."""
-        out: dict[str, Counter] = {}
-        for s in self.sources:
-            out[s.name] = Counter(it["style"] for it in self.items[s.start:s.stop])
-        return {k: dict(sorted(v.items())) for k, v in out.items()}
-
-    def labels(self, source: str | None = None) -> list[str]:
-        """Sorted distinct non-empty class names (of one source), e.g. for a zero-shot classifier."""
-        return sorted({it["label"] for s in self.sources if source in (None, s.name)
-                       for it in self.items[s.start:s.stop] if it["label"]})
-
     @property
     def skipped(self) -> dict[str, dict[str, int]]:
         """Items dropped while loading (bad records, missing or unreadable images), per source and reason."""
@@ -286,72 +218,4 @@ class MixDataset(Dataset):
         return f"MixDataset(split={'+'.join(self.splits)}, {len(self)} items; {parts})"
 
 
-def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return (torch.distributed.get_rank() if rank is None else rank,
-                torch.distributed.get_world_size() if world_size is None else world_size)
-    return rank or 0, world_size or 1
-
-
-class MixSampler(Sampler[int]):
-    """DataLoader(ds, sampler=MixSampler(ds, rank=r, world_size=w), batch_size=...): the indices
-    of MixDataset.plan for this rank; call set_epoch(e) before each epoch."""
-
-    def __init__(self, dataset: MixDataset, num_samples: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, epoch: int = 0):
-        self.dataset, self.num_samples, self.epoch = dataset, num_samples, epoch
-        self.rank, self.world_size = _dist_rank_world(rank, world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(int(i) for i in self.dataset.plan(self.epoch, self.num_samples, self.rank, self.world_size))
-
-    def __len__(self) -> int:
-        return len(self.dataset.plan(self.epoch, self.num_samples, self.rank, self.world_size))
-
-
-class MixStream(IterableDataset):
-    """The weighted mix as an IterableDataset: yields MixDataset.plan(epoch, ...) of this rank,
-    split over DataLoader workers by position (worker w takes positions w, w + W, ...). The caption
-    of position p is drawn with the key (epoch, rank, p), so the multiset of examples does not
-    depend on the number of workers."""
-
-    def __init__(self, dataset: MixDataset, num_samples: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, epoch: int = 0):
-        self.dataset, self.num_samples, self.epoch = dataset, num_samples, int(epoch)
-        self.rank, self.world_size = _dist_rank_world(rank, world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset.plan(self.epoch, self.num_samples, self.rank, self.world_size))
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        plan = self.dataset.plan(self.epoch, self.num_samples, self.rank, self.world_size)
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for p in range(wid, len(plan), nw):
-            yield self.dataset.example(int(plan[p]), (self.epoch, self.rank, p))
-
-
-def build_mix(mix: MixSpec, split: str | Sequence[str] = "train", **kw: Any) -> MixDataset:
-    """Alias of MixDataset(...), for callers that prefer a function."""
-    return MixDataset(mix, split, **kw)
-
-
-__all__ = [
-    "MixDataset",
-    "MixEntry",
-    "MixSampler",
-    "MixSpec",
-    "MixStream",
-    "SourceInfo",
-    "apportion",
-    "build_mix",
-    "parse_mix",
-]
+__all__ = ["MixDataset", "MixEntry", "MixSpec", "SourceInfo", "parse_mix"]
