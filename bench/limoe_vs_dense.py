@@ -37,7 +37,7 @@ from limoe.evaluate import evaluate, write_results
 from limoe.evaluate_sets import default_eval_sets
 from limoe.preprocess import PreprocessConfig
 from limoe.tokenizer import Tokenizer
-from limoe.train import TrainConfig, train
+from limoe.train import TrainConfig, train, training_texts
 
 LIMOE, DENSE = "LIMoE (entropy losses)", "dense"
 VARIANTS = {  # name -> (run directory, config changes; None = the dense counterpart)
@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = {name: variant_config(base, name) for name in names}
     data = MixDataset(args.data, split="train", preprocess=PreprocessConfig.from_model_config(base), cache=args.cache,
                       return_captions=True)
-    tokenizer = Tokenizer.train((c for item in data.items for c in item["captions"]), base.vocab_size,
-                                base.context_length)
+    tokenizer = Tokenizer.train(training_texts(data.items), base.vocab_size, base.context_length)
     meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
     seeds = list(range(args.seeds))
     eval_sets = []  # loaded once: every variant shares the image preprocessing
