@@ -66,7 +66,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 limoe \
     && useradd --system --uid 10001 --gid limoe --home-dir /app --no-create-home \
-       --shell /usr/sbin/nologin limoe
+       --shell /usr/sbin/nologin limoe \
+    && install -d -o 10001 -g 10001 /var/lib/limoe/jobs
 
 COPY --from=gpu-build /opt/venv /opt/venv
 WORKDIR /app
@@ -78,6 +79,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LIMOE_HOST=0.0.0.0 \
     LIMOE_PORT=8000 \
     LIMOE_MODEL_STORE=/app/model_store \
+    LIMOE_JOBS_DIR=/var/lib/limoe/jobs \
     LIMOE_DEVICE=cuda
 
 USER 10001:10001
@@ -115,7 +117,8 @@ FROM python:3.11-slim AS cpu
 
 RUN groupadd --system --gid 10001 limoe \
     && useradd --system --uid 10001 --gid limoe --home-dir /app --no-create-home \
-       --shell /usr/sbin/nologin limoe
+       --shell /usr/sbin/nologin limoe \
+    && install -d -o 10001 -g 10001 /var/lib/limoe/jobs
 
 COPY --from=cpu-build /opt/venv /opt/venv
 WORKDIR /app
@@ -127,6 +130,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LIMOE_HOST=0.0.0.0 \
     LIMOE_PORT=8000 \
     LIMOE_MODEL_STORE=/app/model_store \
+    LIMOE_JOBS_DIR=/var/lib/limoe/jobs \
     LIMOE_DEVICE=cpu
 
 USER 10001:10001

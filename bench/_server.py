@@ -73,7 +73,7 @@ class Server:
     """`python -m limoe serve` on 127.0.0.1 and a free port, with LIMOE_* overrides
     (`Server("batch1", max_batch_size=1)` sets LIMOE_MAX_BATCH_SIZE=1).
 
-    A context manager: the process is always terminated (then killed) on exit. Its log goes to
+    A context manager: the process is always stopped (SIGINT, then SIGKILL) on exit. Its log goes to
     a temporary file (never an unread pipe, which would block the server once full), shown if it
     fails to become ready."""
 
@@ -113,7 +113,9 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            # SIGINT (Ctrl-C): the server answers what is in flight and exits, without the grace
+            # period that SIGTERM gives load balancers (LIMOE_DRAIN_GRACE_S, docs/SHUTDOWN.md)
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -1,6 +1,7 @@
-"""The paper's comparison as a verdict: LIMoE versus the dense model of equal active FLOPs, on the
-same data and training budget (steps x batch), plus LIMoE with the classic importance/load losses
-and LIMoE with no auxiliary loss, each trained with several seeds.
+"""The paper's comparison as a verdict: LIMoE versus its two baselines of equal active FLOPs per
+image and per text, the dense one-tower model and the CLIP-style two-tower model, on the same data
+and training budget (steps x batch), plus LIMoE with the classic importance/load losses and LIMoE
+with no auxiliary loss, each trained with several seeds.
 
     python bench/limoe_vs_dense.py --cache DATA --seeds 3 --steps 300 --batch-size 64 \\
         [--preset small] [--set width=128 ...] [--out runs/compare] [--json docs/results/limoe_vs_dense.json]
@@ -12,11 +13,13 @@ holds a finished checkpoint and its eval.json is not trained again, so an interr
 continues where it stopped (a half-trained run resumes from its last checkpoint).
 
 Prints a Markdown table (per set: top-1 / 10-way top-1, averaged over seeds; mean top-1 and mean
-10-way as mean ± std over seeds; for the MoE variants the dropped-token rate and the image-only /
-text-only / shared expert counts), writes the JSON (per variant: every seed's results and the
+10-way as mean ± std over seeds; the contrastive training loss at the end of the runs, mean over
+their last 10% of steps and over seeds; for the MoE variants the dropped-token rate and the
+image-only / text-only / shared expert counts), writes the JSON (per variant: every seed's results and the
 mean and sample standard deviation of mean top-1 and mean 10-way), and ends with one line, the
-verdict: LIMoE beats dense only if its mean top-1 is ahead by more than the larger of the two
-standard deviations. The verdict is whatever the numbers say.
+verdicts: LIMoE beats a baseline only if its mean top-1 is ahead by more than the larger of the
+two standard deviations; the two-tower verdict comes first, the dense one last. The verdict is
+whatever the numbers say.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from limoe.checkpoint import read_metadata
 from limoe.cli import parse_overrides
-from limoe.config import LIMoEConfig, dense_counterpart, get_config
+from limoe.config import LIMoEConfig, dense_counterpart, get_config, two_tower_counterpart
 from limoe.data.dataset import MixDataset
 from limoe.encoders import TorchEncoders
 from limoe.evaluate import evaluate, write_results
@@ -39,21 +43,22 @@ from limoe.preprocess import PreprocessConfig
 from limoe.tokenizer import Tokenizer
 from limoe.train import TrainConfig, train, training_texts
 
-LIMOE, DENSE = "LIMoE (entropy losses)", "dense"
-VARIANTS = {  # name -> (run directory, config changes; None = the dense counterpart)
-    LIMOE: ("limoe_entropy", {}),
-    DENSE: ("dense", None),
-    "LIMoE (importance + load)": ("limoe_classic", {"aux_loss": "classic", "router_noise_std": 1 / 8}),
-    "LIMoE (no aux loss)": ("limoe_none", {"aux_loss": "none"}),
+LIMOE, DENSE, TWO_TOWER = "LIMoE (entropy losses)", "dense", "two-tower"
+VARIANTS: dict[str, tuple[str, Callable[[LIMoEConfig], LIMoEConfig]]] = {  # name -> (run directory, config)
+    LIMOE: ("limoe_entropy", lambda c: c),
+    DENSE: ("dense", dense_counterpart),
+    TWO_TOWER: ("two_tower", two_tower_counterpart),
+    "LIMoE (importance + load)": ("limoe_classic", lambda c: c.replace(aux_loss="classic", router_noise_std=1 / 8)),
+    "LIMoE (no aux loss)": ("limoe_none", lambda c: c.replace(aux_loss="none")),
 }
+BY_SLUG = {slug: name for name, (slug, _) in VARIANTS.items()}
 DEFAULT_JSON = Path(__file__).resolve().parent.parent / "docs" / "results" / "limoe_vs_dense.json"
 # TrainConfig fields that do not change what a run learns; a finished run is reused whatever they were.
 _BOOKKEEPING = ("checkpoint_every", "log_every", "num_workers")
 
 
 def variant_config(base: LIMoEConfig, name: str) -> LIMoEConfig:
-    changes = VARIANTS[name][1]
-    return dense_counterpart(base) if changes is None else base.replace(**changes)
+    return VARIANTS[name][1](base)
 
 
 # -- one run's numbers -----------------------------------------------------------------------
@@ -85,42 +90,43 @@ def summarize(runs: list[dict]) -> dict:
     """A variant's JSON entry: its runs and mean / std over seeds of mean top-1 and mean 10-way."""
     mean_top1, std_top1 = mean_std([r["mean_top1"] for r in runs])
     mean_10way, std_10way = mean_std([r["mean_10way"] for r in runs])
+    losses = [r["train_loss"] for r in runs if r.get("train_loss") is not None]
     return {"runs": runs, "mean_top1": mean_top1, "std_top1": std_top1, "mean_10way": mean_10way,
-            "std_10way": std_10way}
+            "std_10way": std_10way, "mean_train_loss": statistics.fmean(losses) if losses else None}
 
 
 def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.1%}" if std is None else f"{mean:.1%} ± {std:.1%}"
 
 
-def verdict(variants: dict[str, dict]) -> str:
-    """One line from the numbers: does LIMoE's mean top-1 beat dense's by more than a standard
-    deviation (the larger of the two variants')?"""
-    if LIMOE not in variants or DENSE not in variants:
-        return f"verdict: none (needs both {LIMOE!r} and {DENSE!r})"
-    a, b = variants[LIMOE], variants[DENSE]
+def verdict(variants: dict[str, dict], baseline: str = DENSE) -> str:
+    """One line from the numbers: does LIMoE's mean top-1 beat the baseline's (dense or two-tower)
+    by more than a standard deviation (the larger of the two variants')?"""
+    if LIMOE not in variants or baseline not in variants:
+        return f"verdict: none (needs both {LIMOE!r} and {baseline!r})"
+    a, b, base = variants[LIMOE], variants[baseline], baseline
     diff = 100 * (a["mean_top1"] - b["mean_top1"])
-    detail = (f"mean top-1 LIMoE {_pm(a['mean_top1'], a['std_top1'])}, dense {_pm(b['mean_top1'], b['std_top1'])}; "
+    detail = (f"mean top-1 LIMoE {_pm(a['mean_top1'], a['std_top1'])}, {base} {_pm(b['mean_top1'], b['std_top1'])}; "
               f"10-way {100 * (a['mean_10way'] - b['mean_10way']):+.2f} points; "
               f"{len(a['runs'])} and {len(b['runs'])} seeds")
     if a["std_top1"] is None or b["std_top1"] is None:
-        return f"verdict: none from one seed: LIMoE minus dense is {diff:+.2f} points mean top-1 ({detail})"
+        return f"verdict: none from one seed: LIMoE minus {base} is {diff:+.2f} points mean top-1 ({detail})"
     std = 100 * max(a["std_top1"], b["std_top1"])
     if diff > std:
-        return (f"verdict: LIMoE beats dense by {diff:.2f} points mean top-1, more than a standard deviation "
+        return (f"verdict: LIMoE beats {base} by {diff:.2f} points mean top-1, more than a standard deviation "
                 f"({std:.2f}) ({detail})")
     if -diff > std:
-        return (f"verdict: LIMoE does not beat dense: dense is ahead by {-diff:.2f} points mean top-1, more than a "
+        return (f"verdict: LIMoE does not beat {base}: {base} is ahead by {-diff:.2f} points mean top-1, more than a "
                 f"standard deviation ({std:.2f}) ({detail})")
-    return (f"verdict: LIMoE does not beat dense by more than a standard deviation: {diff:+.2f} points mean top-1, "
+    return (f"verdict: LIMoE does not beat {base} by more than a standard deviation: {diff:+.2f} points mean top-1, "
             f"standard deviation {std:.2f} ({detail})")
 
 
 def format_table(variants: dict[str, dict]) -> str:
     sets = list(next(iter(variants.values()))["runs"][0]["sets"])
     lines = ["| variant | " + " | ".join(sets)
-             + " | mean top-1 | mean 10-way | dropped img/txt | experts img/txt/shared |",
-             "|---" * (len(sets) + 5) + "|"]
+             + " | mean top-1 | mean 10-way | final train loss | dropped img/txt | experts img/txt/shared |",
+             "|---" * (len(sets) + 6) + "|"]
     for name, v in variants.items():
         runs = v["runs"]
         cells = [f"{statistics.fmean(r['sets'][s]['top1'] for r in runs):.1%} / "
@@ -128,12 +134,13 @@ def format_table(variants: dict[str, dict]) -> str:
         if "experts" in runs[0]:
             drop = "/".join(f"{statistics.fmean(r['dropped_rate'][m] for r in runs):.1%}"
                             for m in ("image", "text"))
-            kinds = "/".join(f"{statistics.fmean(r['experts'][k] for r in runs):g}"
+            kinds = "/".join(f"{statistics.fmean(r['experts'][k] for r in runs):.3g}"
                              for k in ("image", "text", "shared"))
         else:
             drop = kinds = "-"
+        loss = "-" if v.get("mean_train_loss") is None else f"{v['mean_train_loss']:.3f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pm(v['mean_top1'], v['std_top1'])} | "
-                     f"{_pm(v['mean_10way'], v['std_10way'])} | {drop} | {kinds} |")
+                     f"{_pm(v['mean_10way'], v['std_10way'])} | {loss} | {drop} | {kinds} |")
     return "\n".join(lines)
 
 
@@ -155,17 +162,29 @@ def finished(run_dir: Path, cfg: LIMoEConfig, tc: TrainConfig, data: str) -> boo
     return extra.get("step") == tc.steps
 
 
-def train_seconds(run_dir: Path, batch_size: int) -> float | None:
-    """Seconds spent in training steps, from log.jsonl (the last line of each step, so steps
-    replayed after an interruption count once)."""
+def _log(run_dir: Path) -> dict[int, dict]:
+    """log.jsonl by step (the last line of each step, so steps replayed after an interruption
+    count once); empty when there is no log."""
     log = run_dir / "log.jsonl"
     if not log.exists():
+        return {}
+    return {r["step"]: r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines())}
+
+
+def train_seconds(run_dir: Path, batch_size: int) -> float | None:
+    """Seconds spent in training steps, from log.jsonl."""
+    steps = _log(run_dir)
+    return round(sum(batch_size / r["examples_per_s"] for r in steps.values()), 2) if steps else None
+
+
+def final_train_loss(run_dir: Path, fraction: float = 0.1) -> float | None:
+    """The contrastive training loss at the end of the run: its mean over the last `fraction` of
+    the logged steps. Beside the held-out accuracy it tells fitting apart from generalising."""
+    steps = _log(run_dir)
+    if not steps:
         return None
-    per_step = {}
-    for line in log.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        per_step[record["step"]] = batch_size / record["examples_per_s"]
-    return round(sum(per_step.values()), 2)
+    last = sorted(steps)[-max(1, int(len(steps) * fraction)):]
+    return round(statistics.fmean(steps[k]["contrastive"] for k in last), 4)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,12 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=1000, help="images per evaluation set")
     p.add_argument("--out", default="runs/compare", help="run directories: OUT/<variant>/seed<s>")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="results file (default docs/results/limoe_vs_dense.json)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(BY_SLUG),
+                   help="comma-separated subset of: " + ", ".join(BY_SLUG) + " (or the variants' names)")
     args = p.parse_args(argv)
-    names = args.variants.split(",")
+    names = [BY_SLUG.get(n, n) for n in args.variants.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {unknown}; choose from {', '.join(BY_SLUG)}")
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
 
@@ -225,13 +245,14 @@ def main(argv: list[str] | None = None) -> None:
                 write_results(results, eval_path.with_suffix(".tmp"))
                 eval_path.with_suffix(".tmp").replace(eval_path)
             record = run_record(seed, results, train_seconds(run_dir, args.batch_size))
+            record["train_loss"] = final_train_loss(run_dir)
             runs[name].append(record)
             how = "already trained" if reused else f"trained {args.steps} steps x {args.batch_size}"
             print(f"[{done}/{total}] {name}, seed {seed}: {how} ({record['train_seconds'] or 0:.1f} s of steps), "
                   f"mean top-1 {record['mean_top1']:.1%}, 10-way {record['mean_10way']:.1%}", flush=True)
 
     variants = {name: summarize(r) for name, r in runs.items()}
-    line = verdict(variants)
+    line, two_tower_line = verdict(variants), verdict(variants, TWO_TOWER)
     wall = time.perf_counter() - started
     report = {
         "preset": args.preset, "overrides": overrides, "config": base.to_dict(),
@@ -243,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_sets": list(variants[names[0]]["runs"][0]["sets"]),
         "wall_seconds": round(wall, 1),
         "train_seconds": round(sum(r["train_seconds"] or 0 for v in runs.values() for r in v), 1),
-        "variants": variants, "verdict": line,
+        "variants": variants, "verdict": line, "verdict_two_tower": two_tower_line,
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
           "seeds. Means: mean ± sample standard deviation over seeds.\n")
     print(format_table(variants))
     print(f"\nwrote {out}; {report['train_seconds']:.0f} s of training steps, {wall:.0f} s wall in this invocation")
+    print(two_tower_line)
     print(line)
 
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from limoe.config import LIMoEConfig
-from limoe.model import LIMoE
+from limoe.model import LIMoE, build_model
 from limoe.tokenizer import Tokenizer
 
 FORMAT = "limoe-checkpoint/1"
@@ -64,7 +64,7 @@ def read_tokenizer(path: str | Path) -> Tokenizer | None:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[LIMoE, dict[str, Any]]:
     """Rebuild the model from its stored config and load the weights; returns (model, extra)."""
     cfg, extra = read_metadata(path)
-    model = LIMoE(cfg)
+    model = build_model(cfg)
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(state, strict=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from limoe.config import PRESETS, get_config
+    from limoe.config import PRESETS, dense_counterpart, get_config, two_tower_counterpart
     from limoe.stats import format_table
 
     names = list(PRESETS) if args.preset == ["all"] else args.preset
@@ -19,9 +19,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    print(format_table(names, configs))
+    if args.baselines:  # each preset followed by the two models it is compared with
+        names, configs = zip(*[row for n, c in zip(names, configs) for row in (
+            (n, c), (f"{n} dense", dense_counterpart(c)), (f"{n} two-tower", two_tower_counterpart(c)))])
+    print(format_table(list(names), list(configs)))
     print("\nactive = all parameters but the experts a token skips; GFLOPs count a multiply-add as 2,"
           "\nper image / per text at K experts per token.")
+    if args.baselines:
+        print("dense: the same tower with every MoE layer a dense MLP of the expert's size; two-tower: an image\n"
+              "and a text tower of that dense shape sharing no weight. An image (or a text) crosses the same\n"
+              "blocks in all three, so active FLOPs per image and per text match up to the routers' share.")
     return 0
 
 
@@ -30,7 +37,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     from limoe.checkpoint import save_checkpoint
     from limoe.config import get_config
-    from limoe.model import LIMoE
+    from limoe.model import build_model
     from limoe.templates import DEFAULT_TEMPLATES
     from limoe.tokenizer import Tokenizer
 
@@ -43,7 +50,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         texts = [t.replace("{}", w) for t in DEFAULT_TEMPLATES for w in words]
     tokenizer = Tokenizer.train(texts, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
     torch.manual_seed(args.seed)
-    path = save_checkpoint(LIMoE(cfg), args.output, extra={"init": {"preset": args.preset, "seed": args.seed}},
+    path = save_checkpoint(build_model(cfg), args.output, extra={"init": {"preset": args.preset, "seed": args.seed}},
                            tokenizer=tokenizer)
     print(f"wrote an untrained {args.preset} checkpoint to {path} (tokenizer: {tokenizer.vocab_size} ids)")
     return 0
@@ -117,7 +124,7 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from limoe.config import dense_counterpart, get_config
+    from limoe.config import dense_counterpart, get_config, two_tower_counterpart
     from limoe.data.dataset import MixDataset
     from limoe.preprocess import PreprocessConfig
     from limoe.tokenizer import Tokenizer
@@ -126,6 +133,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = get_config(args.preset, **parse_overrides(args.set))
     if args.dense:
         cfg = dense_counterpart(cfg)
+    if args.arch == "two_tower":
+        cfg = two_tower_counterpart(cfg)
     data = MixDataset(args.data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=args.cache,
                       seed=args.seed, return_captions=True)
     recipe = {k: v for k, v in (("template_prob", args.template_prob), ("multi_positive", args.multi_positive))
@@ -143,7 +152,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(tok_path.with_suffix(".tmp"))
             tok_path.with_suffix(".tmp").replace(tok_path)
-    print(f"training {args.preset}{' (dense)' if args.dense else ''} on {len(data)} examples "
+    kind = " (two-tower)" if args.arch == "two_tower" else " (dense)" if args.dense else ""
+    print(f"training {args.preset}{kind} on {len(data)} examples "
           f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
     meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
     train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta)
@@ -204,6 +214,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from limoe.classify import ClassifyError, parse_labels, print_summary, run
+    from limoe.model_store import ModelStoreError
+
+    options = dict(templates=args.template, model=args.model, version=args.version, store=args.store,
+                   backend=args.backend, device=args.device, quantized=args.int8, threads=args.threads,
+                   top_k=args.top_k or None, batch_size=args.batch_size, workers=args.workers, resume=args.resume,
+                   overwrite=args.overwrite, retry_errors=args.retry_errors, max_pixels=args.max_pixels,
+                   progress=not args.no_progress)
+    try:
+        labels = parse_labels(args.labels, args.labels_file)
+        if args.ray:
+            from limoe.classify_ray import run_ray
+
+            summary = run_ray(args.paths, args.out, labels, address=args.ray_address,
+                              concurrency=args.concurrency, num_gpus=args.num_gpus, **options)
+        else:
+            summary = run(args.paths, args.out, labels, **options)
+    except (ClassifyError, ModelStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary, args.out)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from service.cli import serve
 
@@ -217,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="total and active parameters and FLOPs of model presets")
     info.add_argument("preset", nargs="*", default=["all"], help="preset names (default: all)")
+    info.add_argument("--baselines", action="store_true",
+                      help="also each preset's dense and two-tower baselines of equal active FLOPs")
     info.set_defaults(func=_cmd_info)
 
     init = sub.add_parser("init", help="a randomly initialised checkpoint with a tokenizer (a starting point)")
@@ -279,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=2, help="threads decoding images")
     train.add_argument("--stop-at", type=int, help="end this run after that step (resume later)")
     train.add_argument("--dense", action="store_true", help="the dense model of equal active FLOPs")
+    train.add_argument("--arch", choices=("one_tower", "two_tower"), default="one_tower",
+                       help="two_tower: the CLIP-style baseline of equal active FLOPs per image and per text "
+                            "(separate dense image and text towers; limoe info PRESET --baselines)")
     train.add_argument("--template-prob", type=float,
                        help="share of texts that are a zero-shot prompt template filled with the item's label "
                             "(default: limoe.train.TrainConfig's)")
@@ -305,6 +345,47 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-record", action="store_true",
                     help="do not store the results in the checkpoint / the entry's manifest")
     ev.set_defaults(func=_cmd_eval)
+
+    cls = sub.add_parser("classify", help="zero-shot classify folders, globs, CSV/JSONL indexes or WebDataset shards "
+                                          "offline into JSONL or parquet (--ray: on a Ray cluster)",
+                         description="One row per image: its best labels, or its error (a bad file never stops the "
+                                     "run). The same model, encoders and scoring as the server (no HTTP; no torch "
+                                     "with the onnx backend). Exit status 0 when the run completed, error rows or not.")
+    cls.add_argument("paths", nargs="+", help="folders (image files, recursively), globs, CSV/TSV/JSONL indexes "
+                                              "(an image/filepath column), WebDataset shards (.tar, "
+                                              "'d/{000..009}.tar'), or image files")
+    which = cls.add_mutually_exclusive_group(required=True)
+    which.add_argument("--labels", help="comma-separated candidate labels, e.g. cat,dog,'red circle'")
+    which.add_argument("--labels-file", help="a text file with one label per line")
+    cls.add_argument("--template", "--templates", action="append", metavar="TEMPLATE",
+                     help="prompt template, '{}' marks the label; repeat for an ensemble (default: the entry's)")
+    cls.add_argument("--top-k", type=int, default=5, help="labels per row, best first (default 5; 0: all)")
+    cls.add_argument("--out", required=True, help="results.jsonl or results.parquet (with --ray: a folder of files)")
+    cls.add_argument("--model", default="limoe-small", help="model name in the store, or an entry directory")
+    cls.add_argument("--version", default="latest", help="model version (default latest)")
+    cls.add_argument("--store", help="model store root (default $LIMOE_MODEL_STORE, else the server's default)")
+    cls.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",
+                     help="onnx (default, no torch) or the entry's TorchScript file (torch)")
+    cls.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when present)")
+    cls.add_argument("--int8", action=argparse.BooleanOptionalAction,
+                     help="the entry's int8 ONNX graphs (--no-int8: fp32; default: fp32 when present, as the server)")
+    cls.add_argument("--threads", type=int, default=0, help="encoder intra-op threads (default: the library's)")
+    cls.add_argument("--batch-size", type=int, default=64, help="images per encoder pass (default 64)")
+    cls.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                     help="threads decoding images (default min(4, CPUs))")
+    cls.add_argument("--resume", action="store_true", help="keep what --out holds and classify only the other "
+                                                           "inputs (error rows count as done)")
+    cls.add_argument("--retry-errors", action="store_true", help="with --resume: try the error rows' inputs again")
+    cls.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cls.add_argument("--max-pixels", type=int, default=40_000_000,
+                     help="larger images are refused from their header (default 40e6, as the server)")
+    cls.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cls.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (pip install 'limoe-serve[ray]')")
+    cls.add_argument("--ray-address", help="with --ray: the cluster, e.g. ray://head:10001 or auto (default "
+                                           "$RAY_ADDRESS, else a local Ray instance)")
+    cls.add_argument("--concurrency", type=int, default=1, help="with --ray: classifier actors (default 1)")
+    cls.add_argument("--num-gpus", type=float, default=0, help="with --ray: GPUs per classifier actor (default 0)")
+    cls.set_defaults(func=_cmd_classify)
 
     from limoe.data.cli import add_data_parser
 

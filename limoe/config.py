@@ -25,7 +25,11 @@ class LIMoEConfig:
     vocab_size: int = 4096  # subword vocabulary size; must match the tokenizer
     context_length: int = 16  # every text is padded / truncated to this many tokens
     pad_id: int = 0  # token id of padding; padded positions are masked everywhere
-    # --- the one shared transformer -----------------------------------------------------------
+    # --- the transformer -----------------------------------------------------------------------
+    # "one_tower" (LIMoE): one transformer shared by image and text tokens. "two_tower" (the CLIP /
+    # ALIGN baseline): an image transformer and a text transformer of this same shape that share no
+    # weight, so active FLOPs per image and per text equal the one-tower model's.
+    arch: str = "one_tower"
     width: int = 192  # D, residual stream width
     depth: int = 6  # number of pre-LayerNorm blocks
     num_heads: int = 3  # attention heads; width must be a multiple of it
@@ -87,6 +91,8 @@ class LIMoEConfig:
             problems.append("capacity factors must be positive")
         if self.inference_routing not in ("dropless", "capacity"):
             problems.append(f"inference_routing must be 'dropless' or 'capacity', not {self.inference_routing!r}")
+        if self.arch not in ("one_tower", "two_tower"):
+            problems.append(f"arch must be 'one_tower' or 'two_tower', not {self.arch!r}")
         if self.aux_loss not in ("entropy", "classic", "none"):
             problems.append(f"aux_loss must be 'entropy', 'classic' or 'none', not {self.aux_loss!r}")
         if self.aux_loss == "classic" and self.moe_layer_ids and self.router_noise_std <= 0:
@@ -186,4 +192,12 @@ def dense_counterpart(cfg: LIMoEConfig) -> LIMoEConfig:
     return cfg.replace(moe_layers="none", aux_loss="none")
 
 
-__all__ = ["LIMoEConfig", "PRESETS", "get_config", "moe_layer_ids", "dense_counterpart"]
+def two_tower_counterpart(cfg: LIMoEConfig) -> LIMoEConfig:
+    """The CLIP-style two-tower model with the same active FLOPs per image and per text as a K=1
+    LIMoE: a dense image tower and a dense text tower, each of the one tower's shape. An image
+    crosses exactly the blocks it crosses in the one-tower model, and so does a text; only the
+    total parameter count doubles (limoe info states both)."""
+    return dense_counterpart(cfg).replace(arch="two_tower")
+
+
+__all__ = ["LIMoEConfig", "PRESETS", "get_config", "moe_layer_ids", "dense_counterpart", "two_tower_counterpart"]

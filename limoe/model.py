@@ -7,6 +7,10 @@ r"""LIMoE: one pre-LayerNorm transformer shared by image patches and text tokens
 Some blocks replace their dense MLP by an MoE layer (config.moe_layers). A sequence is always
 one modality; the two modalities share every transformer weight and meet in the loss.
 Shape letters: B batch, T tokens, D width, H MLP width, P embedding size, E experts.
+
+`TwoTower` is the baseline the paper compares with (CLIP, ALIGN): the same inputs, heads,
+projections and loss, but images and texts cross two transformers that share no weight.
+`build_model(cfg)` picks the class from `cfg.arch`.
 """
 
 from __future__ import annotations
@@ -99,6 +103,17 @@ class LIMoEOutput:
     text_routing: list[RoutingInfo]
 
 
+def init_linear(root: nn.Module) -> None:
+    """Truncated-normal (std 0.02) linear weights with zero biases, normal embeddings."""
+    for m in root.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
 class LIMoE(nn.Module):
     def __init__(self, cfg: LIMoEConfig):
         super().__init__()
@@ -131,20 +146,14 @@ class LIMoE(nn.Module):
                         cfg.router_noise_std, cfg.train_group_size, layer, cfg.inference_routing)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
+        init_linear(self)
         nn.init.normal_(self.image_pos, std=0.02)
         nn.init.normal_(self.text_pos, std=0.02)
 
     def with_config(self, **changes) -> "LIMoE":
         """The same weights under a changed config, in eval mode: for inference-time fields such
         as inference_routing or eval_capacity_factor."""
-        other = LIMoE(self.cfg.replace(**changes))
+        other = type(self)(self.cfg.replace(**changes))
         other.load_state_dict(self.state_dict())
         return other.eval()
 
@@ -158,26 +167,31 @@ class LIMoE(nn.Module):
                 m.moe_op = op
 
     # -- the tower -----------------------------------------------------------------------------
-    def _encode_tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, list[RoutingInfo]]:
+    def tower(self, modality: str) -> tuple[nn.ModuleList, nn.LayerNorm]:
+        """The blocks and final norm a modality's tokens cross: the one shared tower, for both."""
+        return self.blocks, self.ln_final
+
+    def _encode_tokens(self, x: Tensor, mask: Tensor | None, modality: str) -> tuple[Tensor, list[RoutingInfo]]:
         """(B, T, D) -> (B, T, D) through every block, collecting each MoE layer's routing."""
+        blocks, ln_final = self.tower(modality)
         routing = []
-        for block in self.blocks:
+        for block in blocks:
             x, info = block(x, mask)
             if info is not None:
                 routing.append(info)
-        return self.ln_final(x), routing
+        return ln_final(x), routing
 
     def image_features(self, images: Tensor) -> tuple[Tensor, list[RoutingInfo]]:
         """(B, 3, R, R) -> pooled (B, D) and routing of the B x num_patches image tokens."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, T, D), T = num_patches
-        x, routing = self._encode_tokens(x + self.image_pos, None)
+        x, routing = self._encode_tokens(x + self.image_pos, None, "image")
         return self.image_head(x), routing
 
     def text_features(self, tokens: Tensor) -> tuple[Tensor, list[RoutingInfo]]:
         """(B, L) token ids -> pooled (B, D) and routing; padding is masked everywhere."""
         mask = tokens != self.cfg.pad_id  # (B, L)
         x = self.token_embed(tokens) + self.text_pos[:, : tokens.shape[1]]  # (B, L, D)
-        x, routing = self._encode_tokens(x, mask)
+        x, routing = self._encode_tokens(x, mask, "text")
         return self.text_head(x, mask), routing
 
     # -- open_clip-style API ---------------------------------------------------------------------
@@ -200,3 +214,28 @@ class LIMoE(nn.Module):
             image_routing=img_routing,
             text_routing=txt_routing,
         )
+
+
+class TwoTower(LIMoE):
+    """CLIP-style two-tower baseline. `blocks` / `ln_final` are the image tower; `text_blocks` /
+    `text_ln_final` the text tower, of the same shape (config.moe_layers applies to both; the
+    baseline of `two_tower_counterpart` is dense). Nothing is shared between the modalities but
+    the loss and the learned temperature."""
+
+    def __init__(self, cfg: LIMoEConfig):
+        super().__init__(cfg)
+        moe_ids = set(cfg.moe_layer_ids)
+        self.text_blocks = nn.ModuleList(
+            Block(cfg.width, cfg.num_heads, self._moe(cfg, i) if i in moe_ids else MLP(cfg.width, cfg.mlp_dim))
+            for i in range(cfg.depth)
+        )
+        self.text_ln_final = nn.LayerNorm(cfg.width)
+        init_linear(self.text_blocks)
+
+    def tower(self, modality: str) -> tuple[nn.ModuleList, nn.LayerNorm]:
+        return (self.text_blocks, self.text_ln_final) if modality == "text" else (self.blocks, self.ln_final)
+
+
+def build_model(cfg: LIMoEConfig) -> LIMoE:
+    """The module for a config: `LIMoE` (one tower) or `TwoTower`, as cfg.arch says."""
+    return TwoTower(cfg) if cfg.arch == "two_tower" else LIMoE(cfg)

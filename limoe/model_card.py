@@ -63,19 +63,19 @@ def _plots(roles: dict[str, str]) -> list[str]:
 
 def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> list[str]:
     """The commands that rebuild this entry from its recorded training run."""
-    from limoe.config import PRESETS
+    from limoe.config import PRESETS, LIMoEConfig, dense_counterpart, two_tower_counterpart
 
     if not training or "train" not in training:
         return []
     t = training["train"]
-    from limoe.config import LIMoEConfig
-
     cfg = LIMoEConfig.from_dict(manifest["config"]).to_dict()  # fields added later take their defaults
-    preset = next((n for n, c in PRESETS.items() if c.to_dict() == cfg), None)
+    variants = {"": lambda c: c, " --dense": dense_counterpart, " --arch two_tower": two_tower_counterpart}
+    preset, flag = next(((n, f) for n, c in PRESETS.items() for f, make in variants.items()
+                         if make(c).to_dict() == cfg), (None, ""))
     roles = manifest.get("roles", {})
     formats = [f for f, role in (("onnx", "image_onnx"), ("torchscript", "torchscript"), ("int8", "image_onnx_int8"))
                if role in roles]
-    train = (f"limoe train --preset {preset or 'PRESET'} --data {training.get('data', 'MIX')} --out run "
+    train = (f"limoe train --preset {preset or 'PRESET'}{flag} --data {training.get('data', 'MIX')} --out run "
              f"--steps {t.get('steps')} --batch-size {t.get('batch_size')} --lr {t.get('lr')} "
              f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}")
     lines = ["", "Reproduce (same data, seed and batches; floating-point results vary slightly across machines):", "",
@@ -113,24 +113,43 @@ def _inference(moe: dict[str, Any]) -> str:
             "are dropped)")
 
 
+def _what(cfg: dict[str, Any], moe: dict[str, Any]) -> str:
+    """One sentence: what kind of model the entry is (LIMoE, or one of its baselines)."""
+    if cfg.get("arch", "one_tower") == "two_tower":
+        return ("A two-tower (CLIP-style) zero-shot image classifier, the baseline LIMoE (Mustafa et al. 2022) is "
+                "compared with: an image transformer and a text transformer that share no weight, trained "
+                "contrastively.")
+    if not moe["layers"]:
+        return ("A dense one-tower zero-shot image classifier, the baseline LIMoE (Mustafa et al. 2022) is compared "
+                "with: one transformer shared by image patches and text tokens, every MLP dense, trained contrastively.")
+    return ("A LIMoE (Language-Image Mixture of Experts, Mustafa et al. 2022) zero-shot image classifier: one "
+            "transformer shared by image patches and text tokens, with sparse expert layers, trained contrastively.")
+
+
+def _architecture(cfg: dict[str, Any], moe: dict[str, Any]) -> list[str]:
+    """The config lines of the Model section that depend on towers and experts."""
+    if not moe["layers"]:
+        towers = ("two towers of this shape, one for images and one for texts" if cfg.get("arch") == "two_tower"
+                  else "one tower for both modalities")
+        return [f"- {towers}; no expert layers (every MLP dense), so nothing is routed"]
+    return [f"- MoE in blocks {', '.join(map(str, moe['layers']))}: {moe['num_experts']} experts, top-{moe['top_k']}; "
+            f"training capacity factor {cfg['train_capacity_factor']} with Batch Priority Routing "
+            f"{'on' if moe['batch_priority'] else 'off'}; auxiliary loss `{cfg['aux_loss']}`",
+            f"- inference: {_inference(moe)}"]
+
+
 def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None = None,
                       stats: dict[str, Any] | None = None) -> str:
     """Markdown for the entry described by `manifest` (see model_store/README.md)."""
     from limoe.data.licenses import attribution_markdown
 
     cfg, moe = manifest["config"], manifest["moe"]
-    lines = [f"# {manifest['name']} version {manifest['version']}", "",
-             "A LIMoE (Language-Image Mixture of Experts, Mustafa et al. 2022) zero-shot image classifier: one "
-             "transformer shared by image patches and text tokens, with sparse expert layers, trained contrastively.",
-             "", "## Model", ""]
+    lines = [f"# {manifest['name']} version {manifest['version']}", "", _what(cfg, moe), "", "## Model", ""]
     lines += [f"- width {cfg['width']}, depth {cfg['depth']}, {cfg['num_heads']} heads, MLP {cfg['mlp_dim']}, "
               f"embedding {cfg['embed_dim']}",
               f"- images {cfg['image_size']} px in {cfg['patch_size']} px patches; texts {cfg['context_length']} tokens, "
               f"vocabulary {cfg['vocab_size']}",
-              f"- MoE in blocks {', '.join(map(str, moe['layers'])) or 'none'}: {moe['num_experts']} experts, top-{moe['top_k']}; "
-              f"training capacity factor {cfg['train_capacity_factor']} with Batch Priority Routing "
-              f"{'on' if moe['batch_priority'] else 'off'}; auxiliary loss `{cfg['aux_loss']}`",
-              f"- inference: {_inference(moe)}"]
+              *_architecture(cfg, moe)]
     if stats:
         lines.append(f"- {stats['total_params'] / 1e6:.2f}M parameters, {stats['active_params'] / 1e6:.2f}M active per "
                      f"token; {stats['image_flops'] / 1e9:.3f} GFLOPs per image, {stats['text_flops'] / 1e9:.4f} per text")
@@ -163,7 +182,8 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
               "- Scores are a softmax over the labels you send: they rank those labels and always sum to 1, even when "
               "none of them fits.",
               "- Tokens over an expert's capacity are dropped (residual only); the `dropped` rates above show how much."
-              if _drops(moe) else
+              if moe["layers"] and _drops(moe) else
               "- Inference is dropless: every token reaches the experts it chose, and an image's result never depends "
-              "on the other images in its batch (int8 graphs included)."]
+              "on the other images in its batch (int8 graphs included)." if moe["layers"] else
+              "- An image's result never depends on the other images in its batch (int8 graphs included)."]
     return "\n".join(lines) + "\n"

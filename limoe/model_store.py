@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,16 @@ from typing import Any
 
 from limoe.encoders import MoEInfo
 from limoe.preprocess import PreprocessConfig
+
+
+def default_store() -> Path:
+    """Where models are looked up by name: $LIMOE_MODEL_STORE, else the checkout's model_store
+    (a source checkout, editable install), else ./model_store. The server's default
+    (LIMOE_MODEL_STORE, service.settings) and `limoe classify`'s."""
+    if os.environ.get("LIMOE_MODEL_STORE"):
+        return Path(os.environ["LIMOE_MODEL_STORE"])
+    repo = Path(__file__).resolve().parent.parent / "model_store"
+    return repo if repo.is_dir() else Path("model_store")
 
 FORMAT = "limoe-model-store/1"
 MANIFEST = "manifest.json"

@@ -114,6 +114,22 @@ def open_image(source: bytes | str | Path, max_pixels: int | None = None) -> Ima
         raise ImageError(f"cannot decode image: {clean_error(e)}") from None
 
 
+def decode_image(data: bytes, cfg: PreprocessConfig, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """An image file's bytes -> (3, R, R) float32 model input, the one decoding the server and
+    `limoe classify` share: empty, over `max_bytes` or over `max_pixels` (from the header,
+    before decoding) is refused, and so is anything Pillow cannot decode or convert.
+    Raises ImageTooLargeError or ImageError, with a message for the client."""
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"the image is {len(data)} bytes; the limit is {max_bytes}")
+    img = open_image(data, max_pixels=max_pixels)
+    try:
+        return preprocess_image(img, cfg)
+    except (OSError, ValueError) as e:  # e.g. a truncated file that only fails on conversion
+        raise ImageError(f"cannot convert image: {clean_error(e)}") from None
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Transparency is composited onto `background`; 16- and
     32-bit greyscale is rescaled from its own range (not clipped); CMYK goes through Pillow."""

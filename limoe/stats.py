@@ -57,13 +57,14 @@ def flops_per_example(cfg: LIMoEConfig, modality: str, executed: bool = False) -
 
 
 def model_stats(cfg: LIMoEConfig) -> ModelStats:
-    from limoe.model import LIMoE  # build on the meta device: exact counts, no memory
+    from limoe.model import build_model  # build on the meta device: exact counts, no memory
 
     with torch.device("meta"):
-        model = LIMoE(cfg)
+        model = build_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     per_expert = 2 * cfg.width * cfg.mlp_dim + cfg.mlp_dim + cfg.width
-    inactive = len(cfg.moe_layer_ids) * (cfg.num_experts - cfg.top_k) * per_expert
+    towers = 2 if cfg.arch == "two_tower" else 1
+    inactive = towers * len(cfg.moe_layer_ids) * (cfg.num_experts - cfg.top_k) * per_expert
     return ModelStats(
         total_params=total,
         active_params=total - inactive,
@@ -79,7 +80,7 @@ def format_table(names: list[str], configs: list[LIMoEConfig]) -> str:
              "GFLOPs/image", "GFLOPs/text")]
     for name, cfg in zip(names, configs):
         s = model_stats(cfg)
-        rows.append((name, f"{cfg.num_experts}x top-{cfg.top_k}", ",".join(map(str, cfg.moe_layer_ids)) or "-",
+        rows.append((name, f"{cfg.num_experts}x top-{cfg.top_k}" if cfg.moe_layer_ids else "-", ",".join(map(str, cfg.moe_layer_ids)) or "-",
                      f"{s.total_params / 1e6:,.2f}M", f"{s.active_params / 1e6:,.2f}M",
                      f"{s.image_flops / 1e9:,.3f}", f"{s.text_flops / 1e9:,.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from limoe.checkpoint import load_checkpoint, save_checkpoint
 from limoe.config import LIMoEConfig
 from limoe.losses import limoe_loss
-from limoe.model import LIMoE
+from limoe.model import LIMoE, build_model
 from limoe.moe import RoutingInfo
 from limoe.routing_counts import expert_counts
 from limoe.templates import DEFAULT_TEMPLATES
@@ -219,7 +219,7 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
         out.mkdir(parents=True, exist_ok=True)
     start = 0
     torch.manual_seed(train_cfg.seed)
-    model = LIMoE(model_cfg)
+    model = build_model(model_cfg)
     if resume and (out / "train_state.pt").exists():
         model, _ = load_checkpoint(out / "model.safetensors")
         model_cfg = model.cfg

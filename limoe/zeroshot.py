@@ -48,3 +48,10 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     z = logits - logits.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=axis, keepdims=True)
+
+
+def zero_shot_scores(image_embeddings: np.ndarray, classes: np.ndarray, logit_scale: float) -> np.ndarray:
+    """Softmax over the labels of `logit_scale` x cosine similarity: (P,) or (N, P) L2-normalised
+    image embeddings and the (P, C) class matrix -> (C,) or (N, C). The server (service/engine.py)
+    and the offline classifier (limoe/classify.py) both score with this, so they agree."""
+    return softmax(logit_scale * (image_embeddings @ classes))

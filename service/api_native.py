@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from limoe.zeroshot import fill_templates
 from service.batcher import Permit
-from service.engine import Engine, Routing
+from service.engine import Engine, Routing, Scores
 from service.errors import BadRequest, ServiceError, Unprocessable
 from service.http import (ServiceRoute, answer, b64decode, deadline_s, json_response, media_type, raw_body, serving,
                           validate)
@@ -89,6 +90,9 @@ def is_multipart(request: Request) -> bool:
 
 # -- classify -------------------------------------------------------------------------------------------
 
+NO_EXPERTS = "this model has no expert layers (a dense or two-tower baseline): nothing is routed"
+
+
 def routing_summary(engine: Engine, routing: Routing, modality: str) -> dict[str, Any]:
     """A RoutingSummary: per MoE layer, tokens per expert, dropped choices and each token's top-1
     expert (for images a grid x grid patch map, row-major)."""
@@ -98,14 +102,24 @@ def routing_summary(engine: Engine, routing: Routing, modality: str) -> dict[str
     summary: dict[str, Any] = {"modality": modality, "num_experts": engine.num_experts, "layers": layers}
     if modality == "image":
         summary["grid"] = int(round(np.sqrt(routing.top1.shape[1])))
+    if not layers:
+        summary["note"] = NO_EXPERTS
     return summary
 
 
-async def _classify(request: Request, engine: Engine, images: Sequence[str | bytes],
-                    body: ClassifyRequest | ClassifyForm, bulk: bool) -> Response:
-    """Either body (base64 images from JSON, files from a form): check it against the settings,
-    take queue places, decode, classify, shape. 200 when at least one image was classified;
-    otherwise the first image's error status."""
+def label_routing(engine: Engine, labels: Sequence[str], templates: Sequence[str],
+                  prompts: Sequence[Routing]) -> list[dict[str, Any]]:
+    """LabelRoutings: `prompts` (label-major, as `Engine.prompt_routing` returns them) grouped by label."""
+    n = len(templates)
+    return [{"label": label,
+             "prompts": [{"prompt": prompt, "routing": routing_summary(engine, r, "text")}
+                         for prompt, r in zip(fill_templates([label], templates), prompts[i * n:(i + 1) * n])]}
+            for i, label in enumerate(labels)]
+
+
+def check_classify(engine: Engine, images: Sequence[str | bytes], body: ClassifyRequest | ClassifyForm,
+                   bulk: bool) -> tuple[list[str], tuple[str, ...]]:
+    """A classify body checked against the settings: its (labels, templates)."""
     s = engine.settings
     limit = s.max_bulk_images if bulk else s.max_images_per_request
     if not images:
@@ -113,12 +127,30 @@ async def _classify(request: Request, engine: Engine, images: Sequence[str | byt
     if len(images) > limit:
         hint = "per bulk request" if bulk else "per request (use /v1/classify/bulk for more)"
         raise Unprocessable(f"{len(images)} images; at most {limit} {hint}", "too_many_images")
-    labels = engine.check_labels(body.labels)
-    templates = engine.check_templates(body.templates)
+    return engine.check_labels(body.labels), engine.check_templates(body.templates)
+
+
+def decode_images(images: Sequence[str | bytes]) -> list[bytes]:
+    return [b64decode(v, f"images[{i}]") if isinstance(v, str) else v for i, v in enumerate(images)]
+
+
+async def _classify(request: Request, engine: Engine, images: Sequence[str | bytes],
+                    body: ClassifyRequest | ClassifyForm, bulk: bool) -> Response:
+    """Either body (base64 images from JSON, files from a form): check it against the settings,
+    take queue places, decode, classify, shape."""
+    s = engine.settings
+    labels, templates = check_classify(engine, images, body, bulk)
     with engine.admit(len(images), bulk) as permit:  # 429 here, before any decoding
-        data = [b64decode(v, f"images[{i}]") if isinstance(v, str) else v for i, v in enumerate(images)]
-        scores = await answer(request, engine.classify(data, labels, templates, bulk=bulk, permit=permit),
-                              deadline_s(s.request_timeout_s, len(data), s.max_batch_size, bulk))
+        data = decode_images(images)
+        work = engine.classify(data, labels, templates, bulk=bulk, permit=permit, explain=body.explain)
+        scores = await answer(request, work, deadline_s(s.request_timeout_s, len(data), s.max_batch_size, bulk))
+    return json_response(*classify_response(engine, scores, labels, templates, body))
+
+
+def classify_response(engine: Engine, scores: Scores, labels: Sequence[str], templates: Sequence[str],
+                      body: ClassifyRequest | ClassifyForm) -> tuple[ClassifyResponse, int]:
+    """The classify answer for the engine's `scores`, and its status: 200 when at least one image
+    was classified; otherwise the first image's error status. Batch jobs answer with it too."""
     results: list[dict[str, Any]] = []
     for i, (error, routing) in enumerate(zip(scores.errors, scores.routing)):
         if error is not None:
@@ -130,11 +162,13 @@ async def _classify(request: Request, engine: Engine, images: Sequence[str | byt
         results.append(item)
     answer_body: dict[str, Any] = {"model": engine.backend.name, "version": engine.backend.version,
                                    "results": results}
+    if scores.prompts is not None:
+        answer_body["label_routing"] = label_routing(engine, labels, templates, scores.prompts)
     failures = [e for e in scores.errors if e is not None]
-    if len(failures) == len(images):
+    if len(failures) == len(scores.errors):
         answer_body.update(failures[0].body())
-        return json_response(ClassifyResponse.model_validate(answer_body), failures[0].status)
-    return json_response(ClassifyResponse.model_validate(answer_body))
+        return ClassifyResponse.model_validate(answer_body), failures[0].status
+    return ClassifyResponse.model_validate(answer_body), 200
 
 
 async def classify_form(request: Request, bulk: bool) -> Response:
@@ -207,3 +241,18 @@ async def models(request: Request) -> ModelsResponse:
     return ModelsResponse.model_validate({"models": [{
         "name": b.name, "version": b.version, "backend": engine.settings.backend, "device": b.device,
         "ready": engine.ready, "manifest": b.manifest.data}]})
+
+
+# -- batch jobs -----------------------------------------------------------------------------------------
+
+async def classify_job_request(engine: Engine, payload: Any) -> tuple[int, dict[str, Any]]:
+    """(status, body) that POST /v1/classify answers for the JSON body `payload`, computed at low
+    priority and without a deadline: one request of a batch job (service/job_runner.py)."""
+    try:
+        body = validate(ClassifyRequest, payload)
+        labels, templates = check_classify(engine, body.images, body, bulk=False)
+        scores = await engine.classify(decode_images(body.images), labels, templates, explain=body.explain, low=True)
+        answer_body, status = classify_response(engine, scores, labels, templates, body)
+        return status, answer_body.model_dump(mode="json", exclude_none=True)
+    except ServiceError as e:
+        return e.status, e.body()

@@ -19,19 +19,23 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 import limoe
 from service.engine import Engine
 from service.errors import BadRequest, NotFound, Unprocessable
 from service.http import (ServiceRoute, answer, b64decode, deadline_s, json_response, media_type, parse_json,
                           raw_body, validate)
-from service.schemas import InferRequest, InferResponse, ModelMetadata, ServerMetadata, error_responses
+from service.schemas import (InferRequest, InferResponse, ModelMetadata, ModelReady, ServerLive, ServerMetadata,
+                             ServerReady, error_responses)
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=ServiceRoute,
                    strict_content_type=False)
 HEADER = "Inference-Header-Content-Length"
 NAMED = error_responses(404, 422)  # routes that name a model (and version)
-YES_NO = {"response_class": Response, "responses": {200: {"description": "yes"}, 503: {"description": "no"}}}
+# Health answers: the status says it (200 yes, 503 no), and the body too, as the protocol's
+# {"live": bool} / {"ready": bool} / {"name", "ready"} (KServe's v2 client reads the body).
+NO = {503: {"description": "no: the same body, with false"}}
 
 
 def _engine(request: Request, name: str | None = None, version: str | None = None) -> Engine:
@@ -67,15 +71,21 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="limoe-serve", version=limoe.__version__, extensions=["binary_tensor_data"])
 
 
-@router.get("/health/live", summary="Server live", **YES_NO)
-async def live(request: Request) -> Response:
-    return Response(status_code=200 if request.app.state.engine.alive else 503)
+def _health(**body: Any) -> JSONResponse:
+    """A health answer: 200 when every boolean in `body` is true, else 503."""
+    yes = all(v for v in body.values() if isinstance(v, bool))
+    return JSONResponse(body, status_code=200 if yes else 503)
 
 
-@router.get("/health/ready", summary="Server ready", **YES_NO)
-async def ready(request: Request) -> Response:
+@router.get("/health/live", summary="Server live", response_model=ServerLive, responses=NO)
+async def live(request: Request) -> JSONResponse:
+    return _health(live=request.app.state.engine.alive)
+
+
+@router.get("/health/ready", summary="Server ready", response_model=ServerReady, responses=NO)
+async def ready(request: Request) -> JSONResponse:
     e = request.app.state.engine
-    return Response(status_code=200 if e.ready and e.alive else 503)
+    return _health(ready=e.ready and e.alive)
 
 
 def _metadata(engine: Engine) -> ModelMetadata:
@@ -100,16 +110,15 @@ async def model_version_metadata(engine: Engine = Depends(model_version)) -> Mod
     return _metadata(engine)
 
 
-@router.get("/models/{name}/ready", summary="Model ready", response_class=Response,
-            responses={**YES_NO["responses"], **NAMED})
-async def model_ready(engine: Engine = Depends(model)) -> Response:
-    return Response(status_code=200 if engine.ready and engine.alive else 503)
+@router.get("/models/{name}/ready", summary="Model ready", response_model=ModelReady, responses={**NO, **NAMED})
+async def model_ready(engine: Engine = Depends(model)) -> JSONResponse:
+    return _health(name=engine.backend.name, ready=engine.ready and engine.alive)
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready", response_class=Response,
-            responses={**YES_NO["responses"], **NAMED})
-async def model_version_ready(engine: Engine = Depends(model_version)) -> Response:
-    return Response(status_code=200 if engine.ready and engine.alive else 503)
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready", response_model=ModelReady,
+            responses={**NO, **NAMED})
+async def model_version_ready(engine: Engine = Depends(model_version)) -> JSONResponse:
+    return _health(name=engine.backend.name, ready=engine.ready and engine.alive)
 
 
 # -- inference -----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 Start-up loads and verifies the model (a damaged or missing artifact stops the server with a
 message naming the file), starts one batcher per encoder, then warms every batch size up in the
 background: /healthz answers at once, /readyz and the inference routes answer 503 until warm.
+Shutdown drains (`Drain`, driven by service/cli.py on SIGTERM; docs/SHUTDOWN.md).
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import limoe
-from service import api_hf, api_native, api_v2
+from service import api_batch, api_hf, api_native, api_v2, web
 from service.backends import Backend, load_backend
 from service.engine import Engine
 from service.errors import ServiceError, Unauthorized, invalid_request
 from service.http import BodyBudget, BodyLimitMiddleware, ClientGone, check_api_key
+from service.job_runner import start_jobs
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("limoe.service")
 
 HEALTH_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
+UNCOUNTED_PATHS = HEALTH_PATHS | {"/metrics"}  # not in limoe_inflight_requests
 OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 DOCS_ASSETS = "/docs/assets"  # Swagger UI and ReDoc files, served from the fastapi-offline package (no CDN)
 
@@ -48,9 +51,11 @@ class Gatekeeper:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
 
-    def _needs_key(self, path: str) -> bool:
+    def _needs_key(self, path: str, method: str) -> bool:
         s = self.settings
-        if not s.api_keys or path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/"):
+        if not s.api_keys or path in OPEN_PATHS or path.startswith((DOCS_ASSETS + "/", web.ASSETS + "/")):
+            return False
+        if path == web.PAGE and method in ("GET", "HEAD"):  # the web page; POST / is the Hugging Face route
             return False
         if path in HEALTH_PATHS:
             return s.protect_health
@@ -71,7 +76,7 @@ class Gatekeeper:
             await send(message)
 
         try:
-            if self._needs_key(scope["path"]):
+            if self._needs_key(scope["path"], scope["method"]):
                 try:
                     check_api_key(Request(scope), self.settings.api_keys)
                 except Unauthorized as e:
@@ -82,6 +87,88 @@ class Gatekeeper:
             path = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+
+
+class ShuttingDown(ServiceError):
+    status, code = 503, "shutting_down"
+    headers = {"Retry-After": "1", "Connection": "close"}
+
+
+class Drain:
+    """A graceful shutdown as the app sees it (the server in service/cli.py takes the steps):
+    - `begin`: readiness answers 503 so that load balancers stop sending, but requests are still
+      served; every answer carries `Connection: close`, so clients reconnect (to another
+      replica, once the load balancer has caught up) instead of reusing this one's connections;
+    - `refuse`: new requests get 503 shutting_down; those in flight carry on;
+    - `abort`: those in flight are cancelled and answered 503 shutting_down (unless their answer
+      has begun); returns how many there were.
+    `requests` are the tasks of the requests in flight (`DrainMiddleware`). Event loop only."""
+
+    def __init__(self, state, metrics: Metrics):
+        self.state, self.metrics = state, metrics  # app.state: the lifespan puts the engine there
+        self.draining = self.refusing = self.aborting = False
+        self.requests: set[asyncio.Task] = set()
+
+    def begin(self) -> None:
+        self.draining = True
+        if self.state.engine is not None:
+            self.state.engine.drain()
+
+    def refuse(self) -> None:
+        self.refusing = True
+
+    def abort(self) -> int:
+        self.aborting = True
+        for task in self.requests:
+            task.cancel()
+        return len(self.requests)
+
+
+class DrainMiddleware:
+    """Pure ASGI middleware: tracks the requests in flight for `drain` (and the
+    limoe_inflight_requests gauge) and applies its steps to them."""
+
+    def __init__(self, app: ASGIApp, drain: Drain):
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        drain = self.drain
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if drain.refusing:
+            return await _shutting_down(scope, receive, send)
+        task = asyncio.current_task()
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        drain.requests.add(task)
+        if counted:
+            drain.metrics.inflight.inc()
+        started = False
+
+        async def send_closing(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = message.get("headers", [])
+                if drain.draining and not any(k.lower() == b"connection" for k, _ in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_closing)
+        except asyncio.CancelledError:
+            if not drain.aborting or started:
+                raise
+            task.uncancel()  # cancelled by `abort`: answer instead
+            await _shutting_down(scope, receive, send_closing)
+        finally:
+            drain.requests.discard(task)
+            if counted:
+                drain.metrics.inflight.dec()
+
+
+async def _shutting_down(scope: Scope, receive: Receive, send: Send) -> None:
+    e = ShuttingDown("the server is shutting down; retry (another replica)")
+    await JSONResponse(e.body(), e.status, headers=e.headers)(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
@@ -97,11 +184,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         engine = Engine(loaded, settings, metrics)
         app.state.engine = engine
         warm = asyncio.ensure_future(engine.start())
+        app.state.jobs = await start_jobs(app.state, engine)  # batch jobs (docs/BATCH.md); None when off
         log.info("serving %s version %s on %s", loaded.name, loaded.version, loaded.device)
         try:
             yield
         finally:
             warm.cancel()
+            if app.state.jobs is not None:  # first: jobs stop where they are, and resume on restart
+                await app.state.jobs.stop()
             await engine.stop()
 
     app = FastAPIOffline(  # a FastAPI app whose /docs and /redoc load their assets from this server
@@ -114,9 +204,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         lifespan=lifespan,
     )
     app.state.settings, app.state.metrics, app.state.engine = settings, metrics, None
+    app.state.jobs, app.state.jobs_off = None, "the server is starting"
     app.state.body_budget = BodyBudget(settings.max_inflight_bytes, metrics.body_bytes.set)
+    app.state.drain = Drain(app.state, metrics)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, budget=app.state.body_budget,
+                       to_disk={"/v1/files": settings.jobs_max_file_bytes + 2 ** 16},  # + the multipart framing
                        timeout_s=settings.body_timeout_s)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(Gatekeeper, settings=settings, metrics=metrics)
 
     @app.exception_handler(ServiceError)
@@ -152,7 +246,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     async def readyz(request: Request) -> JSONResponse:
         engine = getattr(request.app.state, "engine", None)
         ready = engine is not None and engine.ready and engine.alive
-        body = {"status": "ready" if ready else "not ready"}
+        body = {"status": "ready" if ready else "shutting down" if engine is not None and engine.draining
+                else "not ready"}
         if engine is not None:
             body.update(model=engine.backend.name, version=engine.backend.version, device=engine.backend.device)
         return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
@@ -165,8 +260,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 metrics.queue_depth.labels(b.name).set(b.depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    for router in (api_native.router, api_hf.router, api_v2.router):
+    for router in (api_native.router, api_hf.router, api_v2.router, api_batch.router):
         app.include_router(router)
+    app.include_router(web.router)
+    app.mount(web.ASSETS, web.assets(), name="web")
     return app
 
 

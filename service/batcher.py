@@ -8,6 +8,16 @@ request is refused at the edge, before any decoding. A worker task takes the fir
 keeps collecting until `max_batch` examples or `max_wait` seconds, skips items whose caller went
 away (cancelled futures), and runs the forward pass in its own thread, off the event loop. If a
 batch fails, its items are retried one by one, so a poisoned item fails alone.
+
+Two priorities: interactive items (the default) and low-priority ones (`submit_wait(x, low=True)`:
+batch jobs' images, service/job_runner.py). A batch takes every waiting interactive item first;
+only a batch that has none (so far) takes low-priority ones, at most `low_max_batch` examples of
+them while interactive traffic flows (an interactive item came within the last `quiet_s`), and
+full batches once it has been quiet that long. So an interactive item waits for at most one
+forward pass of a few low-priority examples, its own pass carries none (interactive items that
+come while a low-priority batch is being collected do join it), and a job alone on the server
+runs as fast as a bulk request. Low-priority items have a queue and places of their own (`low_room`), so
+however big a job is, interactive requests never get 429 because of it; a job only waits for room.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +37,9 @@ import numpy as np
 from limoe.encoders import EncoderOutput
 from service.errors import Overloaded
 from service.metrics import Metrics
+
+# Low-priority items fill whole passes once no interactive item came for this long (seconds).
+QUIET_S = 1.0
 
 log = logging.getLogger("limoe.service")
 
@@ -42,6 +56,7 @@ class _Item:
     x: np.ndarray  # (n, ...): n examples of one caller, forwarded in the same pass
     future: asyncio.Future  # -> ItemResult; a list of n of them when `many`
     many: bool = False
+    low: bool = False  # low priority: a batch job's
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -118,12 +133,19 @@ class Permit:
 class DynamicBatcher:
     def __init__(self, name: str, forward: Callable[[np.ndarray], EncoderOutput], max_batch: int,
                  max_wait_s: float, queue_size: int, metrics: Metrics,
-                 on_batch: Callable[[EncoderOutput], None] | None = None):
+                 on_batch: Callable[[EncoderOutput], None] | None = None, low_max_batch: int | None = None,
+                 quiet_s: float = QUIET_S):
         self.name, self.forward = name, forward
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.low_max_batch = max_batch if low_max_batch is None else min(low_max_batch, max_batch)
+        self.quiet_s = quiet_s
+        self._last_interactive = -math.inf  # when the last interactive item was queued
         self.metrics, self.on_batch = metrics, on_batch
         self.room = Room(queue_size)  # bounds the queue: an item holds a place until the worker collects it
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.low_room = Room(queue_size)  # the low-priority queue's own places
+        self._queue: deque[_Item] = deque()  # interactive
+        self._low: deque[_Item] = deque()  # low priority
+        self._arrived = asyncio.Event()  # set when an item is queued; the worker clears it before waiting
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"limoe-{name}")
         self._task: asyncio.Task | None = None
         self._held: _Item | None = None  # collected, but did not fit its batch: it starts the next one
@@ -140,9 +162,10 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
         left = [self._held] if self._held else []
-        while not self._queue.empty():
-            left.append(self._queue.get_nowait())
-            self.room.give(len(left[-1].x))
+        for queue, room in ((self._queue, self.room), (self._low, self.low_room)):
+            while queue:
+                left.append(queue.popleft())
+                room.give(len(left[-1].x))
         for item in left:
             if not item.future.done():
                 item.future.cancel()
@@ -154,7 +177,8 @@ class DynamicBatcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Items waiting, both priorities."""
+        return len(self._queue) + len(self._low)
 
     # -- API -------------------------------------------------------------------------------------------
     def _full(self) -> Overloaded:
@@ -173,11 +197,12 @@ class DynamicBatcher:
             raise self._full()
         return self._put(_Item(x[None], asyncio.get_running_loop().create_future()))
 
-    async def submit_wait(self, x: np.ndarray) -> asyncio.Future:
+    async def submit_wait(self, x: np.ndarray, low: bool = False) -> asyncio.Future:
         """Queue one example, waiting for room instead of refusing: for work that is already
-        accepted (a bulk request's images), so it cannot overflow."""
-        await self.room.take()
-        return self._put(_Item(x[None], asyncio.get_running_loop().create_future()))
+        accepted (a bulk request's images, a batch job's with `low`), so it cannot overflow.
+        `low`: low priority, in the low-priority queue."""
+        await (self.low_room if low else self.room).take()
+        return self._put(_Item(x[None], asyncio.get_running_loop().create_future(), low=low))
 
     @property
     def chunk(self) -> int:
@@ -194,8 +219,11 @@ class DynamicBatcher:
         return self._put(_Item(xs, asyncio.get_running_loop().create_future(), many=True))
 
     def _put(self, item: _Item) -> asyncio.Future:
-        self._queue.put_nowait(item)
-        self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
+        (self._low if item.low else self._queue).append(item)
+        if not item.low:
+            self._last_interactive = time.perf_counter()
+        self._arrived.set()
+        self.metrics.queue_depth.labels(self.name).set(self.depth)
         return item.future
 
     async def run_direct(self, x: np.ndarray) -> EncoderOutput:
@@ -203,32 +231,62 @@ class DynamicBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, x)
 
     # -- worker ----------------------------------------------------------------------------------------
+    def _pop(self, rows: int, low_rows: int) -> _Item | None:
+        """The next item for a batch holding `rows` examples, `low_rows` of them low priority:
+        an interactive one if any waits; else a low-priority one if the batch is empty, or all
+        low priority and the item fits in `low_max_batch` (in `max_batch` when interactive
+        traffic has been quiet for `quiet_s`); else None. Gives back the item's places."""
+        if self._queue:
+            item = self._queue.popleft()
+            self.room.give(len(item.x))
+            return item
+        if self._low:
+            n = len(self._low[0].x)
+            quiet = time.perf_counter() - self._last_interactive >= self.quiet_s
+            share = self.max_batch if quiet else self.low_max_batch
+            if rows == 0 or (rows == low_rows and rows + n <= share):
+                item = self._low.popleft()
+                self.low_room.give(n)
+                return item
+        return None
+
+    async def _next(self, rows: int = 0, low_rows: int = 0, deadline: float | None = None) -> _Item | None:
+        """`_pop`, waiting for an item until `deadline` (for ever when None); None at the deadline,
+        or at once when low-priority items wait but may not join: waiting for interactive items
+        that may come would only hold the job up (they go first in the next pass anyway)."""
+        while (item := self._pop(rows, low_rows)) is None:
+            if self._low:
+                return None
+            self._arrived.clear()
+            timeout = None if deadline is None else deadline - time.perf_counter()
+            if timeout is not None and timeout <= 0:
+                return None
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return None
+        return item
+
     async def _collect(self) -> list[_Item]:
         if self._held is not None:
             batch, self._held = [self._held], None
         else:
-            batch = [await self._queue.get()]
-            self.room.give(len(batch[0].x))
+            batch = [await self._next()]
         rows = len(batch[0].x)
+        low_rows = rows if batch[0].low else 0
         deadline = time.perf_counter() + self.max_wait_s
         while rows < self.max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            self.room.give(len(item.x))
+            item = await self._next(rows, low_rows, deadline)
+            if item is None:
+                break
             if rows + len(item.x) > self.max_batch:  # a chunk that does not fit: never exceed max_batch
                 self._held = item
                 break
             batch.append(item)
             rows += len(item.x)
-        self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
+            low_rows += len(item.x) if item.low else 0
+        self.metrics.queue_depth.labels(self.name).set(self.depth)
         return [item for item in batch if not item.future.done()]  # callers that gave up
 
     async def _run(self) -> None:

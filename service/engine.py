@@ -15,9 +15,9 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from limoe.preprocess import ImageError, ImageTooLargeError, clean_error, open_image, preprocess_image
+from limoe.preprocess import ImageError, ImageTooLargeError, decode_image
 from limoe.routing_counts import expert_counts
-from limoe.zeroshot import ensemble, fill_templates, softmax
+from limoe.zeroshot import ensemble, fill_templates, zero_shot_scores
 from service.backends import Backend
 from service.batcher import DynamicBatcher, ItemResult, Permit
 from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, ServiceError, Unprocessable
@@ -48,6 +48,7 @@ class Scores:
     probs: np.ndarray  # (N, C) float32: softmax over the labels; zeros for an image that failed
     errors: list[ServiceError | None]  # (N,) why each image failed, or None
     routing: list[Routing | None]  # (N,) how each image was routed, or None where it failed
+    prompts: list[Routing] | None = None  # (C * templates,) label-major, with explain: how each prompt was routed
 
 
 class LRU:
@@ -108,7 +109,10 @@ class Engine:
         self.label_sets = LRU(settings.label_set_cache_mb * 2 ** 20, cost=lambda matrix: matrix.nbytes,
                               on_change=lambda lru: metrics.label_set_cache_bytes.set(lru.used))
         self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="limoe-decode")
-        self.ready = False
+        # Batch jobs' images decode here, so that they never queue ahead of interactive ones in `pool`
+        self.low_pool = ThreadPoolExecutor(1, thread_name_prefix="limoe-decode-jobs")
+        self.warm = False  # the model answered a warm-up forward pass: the inference routes serve
+        self.draining = False  # a shutdown began (`drain`): readiness says no, requests are still served
         self.image_batcher = self._batcher("image", backend.encode_images)
         self.text_batcher = self._batcher("text", backend.encode_tokens)
 
@@ -119,7 +123,7 @@ class Engine:
             self.metrics.observe_routing(modality, self.moe_layers, self.num_experts, out.expert_index, out.dropped)
 
         return DynamicBatcher(modality, forward, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size,
-                              self.metrics, on_batch=count)
+                              self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,8 +131,8 @@ class Engine:
         self.text_batcher.start()
         if self.settings.warmup:
             await self.warm_up()
-        self.ready = True
-        self.metrics.ready.set(1)
+        self.warm = True
+        self.metrics.ready.set(0 if self.draining else 1)
 
     def warm_up_sizes(self) -> list[int]:
         """Batch sizes to warm up: every size up to 32, then powers of two and the maximum, so
@@ -149,19 +153,32 @@ class Engine:
         log.info("warm-up: %d batch sizes up to %d in %.1fs", len(self.warm_up_sizes()), self.settings.max_batch_size,
                  time.perf_counter() - started)
 
+    def drain(self) -> None:
+        """A shutdown began (service/cli.py): stop reporting ready, so that load balancers stop
+        sending; the inference routes still serve what comes meanwhile."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
     async def stop(self) -> None:
-        self.ready = False
+        self.warm = False
         self.metrics.ready.set(0)
         await self.image_batcher.stop()
         await self.text_batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.low_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def alive(self) -> bool:
         return self.image_batcher.alive and self.text_batcher.alive
 
+    @property
+    def ready(self) -> bool:
+        """Ready for new traffic (readiness probes): warm, and not shutting down."""
+        return self.warm and not self.draining
+
     def require_ready(self) -> None:
-        if not self.ready:
+        """NotReady (503) until the model is warm. A draining server still serves."""
+        if not self.warm:
             raise NotReady("the model is still loading")
 
     def admit(self, images: int, bulk: bool = False) -> Permit:
@@ -206,32 +223,29 @@ class Engine:
 
     def _decode(self, data: bytes) -> np.ndarray:
         s = self.settings
-        if not data:
-            raise InvalidImage("the image is empty (0 bytes)")
-        if len(data) > s.max_image_bytes:
-            raise ImageTooLarge(f"the image is {len(data)} bytes; the limit is {s.max_image_bytes}")
         started = time.perf_counter()
         try:
-            img = open_image(data, max_pixels=s.max_image_pixels)
+            x = decode_image(data, self.backend.preprocess, s.max_image_bytes, s.max_image_pixels)
         except ImageTooLargeError as e:
             raise ImageTooLarge(str(e)) from None
         except ImageError as e:
             raise InvalidImage(str(e)) from None
-        try:
-            x = preprocess_image(img, self.backend.preprocess)
-        except (OSError, ValueError) as e:  # e.g. a truncated file that only fails on conversion
-            raise InvalidImage(f"cannot convert image: {clean_error(e)}") from None
         self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
         return x
 
     # -- encoders --------------------------------------------------------------------------------------
-    async def encode_image(self, data: bytes, wait: bool = False, permit: Permit | None = None) -> ItemResult:
+    async def encode_image(self, data: bytes, wait: bool = False, permit: Permit | None = None,
+                           low: bool = False) -> ItemResult:
         """Decode in the worker pool, then queue for the image encoder, on a place of `permit`
         (see `admit`) when it has one left. `wait`: wait for queue room (bulk work) instead of
-        answering 429 when the queue is full."""
-        x = await asyncio.get_running_loop().run_in_executor(self.pool, self._decode, data)
+        answering 429 when the queue is full. `low`: a batch job's image, at low priority (its
+        own decoding thread and queue; it waits for room)."""
+        x = await asyncio.get_running_loop().run_in_executor(self.low_pool if low else self.pool, self._decode, data)
         try:
-            future = await self.image_batcher.submit_wait(x) if wait else self.image_batcher.submit(x, permit)
+            if low:
+                future = await self.image_batcher.submit_wait(x, low=True)
+            else:
+                future = await self.image_batcher.submit_wait(x) if wait else self.image_batcher.submit(x, permit)
             return await future
         except RuntimeError as e:
             raise InferenceFailed(str(e)) from None
@@ -311,22 +325,27 @@ class Engine:
     # -- zero-shot -----------------------------------------------------------------------------------
     def scores(self, embedding: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """(C,) softmax over the labels for one image's (P,) embedding and the (P, C) classes."""
-        return softmax(self.backend.logit_scale * (embedding @ classes))
+        return zero_shot_scores(embedding, classes, self.backend.logit_scale)
 
     async def classify(self, images: Sequence[bytes], labels: Sequence[str], templates: tuple[str, ...],
-                       bulk: bool = False, permit: Permit | None = None) -> Scores:
+                       bulk: bool = False, permit: Permit | None = None, explain: bool = False,
+                       low: bool = False) -> Scores:
         """Every image's scores against `labels` (as `check_labels` and `check_templates` return
         them: the API adapters check at the edge), or that image's own error. `bulk` requests
         wait for queue room; others queue on `permit`'s places (see `admit`), or get 429 when the
-        image queue is full."""
+        image queue is full. `explain`: the label prompts' routing too (`prompt_routing`). `low`:
+        a batch job's request, whose images go at low priority (`encode_image`)."""
         matrix_task = asyncio.ensure_future(self.label_matrix(labels, templates))
-        image_tasks = [asyncio.ensure_future(self.encode_image(d, wait=bulk, permit=permit)) for d in images]
+        image_tasks = [asyncio.ensure_future(self.encode_image(d, wait=bulk, permit=permit, low=low)) for d in images]
+        prompts_task = asyncio.ensure_future(self.prompt_routing(labels, templates)) if explain else None
         try:
             encoded = await asyncio.gather(*image_tasks, return_exceptions=True)
             matrix = await matrix_task
+            prompts = await prompts_task if prompts_task else None
         except BaseException:
-            for t in (matrix_task, *image_tasks):
-                t.cancel()
+            for t in (matrix_task, *image_tasks, prompts_task):
+                if t is not None:
+                    t.cancel()
             raise
         probs = np.zeros((len(images), len(labels)), np.float32)
         errors: list[ServiceError | None] = [None] * len(images)
@@ -342,7 +361,12 @@ class Engine:
             else:
                 probs[i] = self.scores(result.embedding, matrix)
                 routing[i] = self.routing(result)
-        return Scores(probs, errors, routing)
+        return Scores(probs, errors, routing, prompts)
+
+    async def prompt_routing(self, labels: Sequence[str], templates: tuple[str, ...]) -> list[Routing]:
+        """How each of the labels' prompts was routed, label-major (`fill_templates`' order). The
+        caches keep embeddings only, so explain encodes the prompts again."""
+        return [self.routing(r) for r in await self.encode_texts(fill_templates(labels, templates))]
 
     def routing(self, result: ItemResult) -> Routing:
         """How one encoded example was routed (`expert_counts`, plus each token's first choice)."""

@@ -68,10 +68,14 @@ class BodyLimitMiddleware:
       fitting as they arrive. A request holds only what it has sent, so connections that
       declare large bodies and send nothing cannot lock others out;
     - not complete `timeout_s` seconds after the request began: 408 (slow or stalled senders
-      hold a connection and their bytes, so they cannot hold them for ever)."""
+      hold a connection and their bytes, so they cannot hold them for ever).
+    `to_disk` maps paths whose bodies go to disk, not memory (batch input files) to their own
+    limit; they are left out of the budget."""
 
-    def __init__(self, app: ASGIApp, limit: int, budget: BodyBudget | None = None, timeout_s: float | None = None):
+    def __init__(self, app: ASGIApp, limit: int, budget: BodyBudget | None = None, timeout_s: float | None = None,
+                 to_disk: dict[str, int] | None = None):
         self.app, self.limit, self.budget, self.timeout_s = app, limit, budget, timeout_s
+        self.to_disk = to_disk or {}
 
     def _busy(self) -> BodiesInFlight:
         return BodiesInFlight(f"the server holds {self.budget.used} bytes of request bodies in flight (limit "
@@ -80,15 +84,17 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit, budget = (self.to_disk[scope["path"]], None) if scope["path"] in self.to_disk else (self.limit,
+                                                                                                  self.budget)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
                 length = int(declared)
             except ValueError:
                 length = 0
-            if length > self.limit:
-                return await _send_error(send, BodyTooLarge(f"request body over {self.limit} bytes"))
-            if self.budget and self.budget.used + length > self.budget.limit:
+            if length > limit:
+                return await _send_error(send, BodyTooLarge(f"request body over {limit} bytes"))
+            if budget and budget.used + length > budget.limit:
                 return await _send_error(send, self._busy())
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
@@ -108,9 +114,9 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 chunk = len(message.get("body", b""))
                 complete = not message.get("more_body", False)
-                if seen + chunk > self.limit:
-                    raise BodyTooLarge(f"request body over {self.limit} bytes")
-                if self.budget and not self.budget.take(chunk):
+                if seen + chunk > limit:
+                    raise BodyTooLarge(f"request body over {limit} bytes")
+                if budget and not budget.take(chunk):
                     raise self._busy()
                 seen += chunk
             return message
@@ -118,8 +124,8 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited, send)
         finally:
-            if self.budget:
-                self.budget.give(seen)
+            if budget:
+                budget.give(seen)
 
 
 async def _send_error(send: Send, error: ServiceError) -> None:
@@ -131,13 +137,17 @@ async def _send_error(send: Send, error: ServiceError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def bearer_token(request: Request) -> bytes:
+    """The request's Bearer token, or b"" without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
+
+
 def check_api_key(request: Request, keys: list) -> None:
     """Bearer token against every configured key, in constant time."""
     if not keys:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    given = bearer_token(request)
     ok = False
     for key in keys:  # no early exit: timing does not reveal which key matched
         ok |= hmac.compare_digest(given, key.get_secret_value().encode())
@@ -158,11 +168,15 @@ class ClientGone(Exception):
 
 async def answer(request: Request, work: Awaitable[T], timeout_s: float) -> T:
     """Await `work` unless the deadline passes (504) or the client disconnects first; either
-    way `work` is cancelled, which drops the request's items from the batch queues."""
+    way `work` is cancelled, which drops the request's items from the batch queues. So it is
+    when the request itself is cancelled (a drain cut short)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task in done:

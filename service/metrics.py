@@ -49,7 +49,19 @@ class Metrics:
                                       ["layer", "modality", "expert"], registry=r)
         self.model_info = Gauge("limoe_model_info", "the loaded model (value 1)",
                                 ["name", "version", "backend", "device"], registry=r)
-        self.ready = Gauge("limoe_ready", "1 once the model answered a warm-up forward pass", registry=r)
+        self.ready = Gauge("limoe_ready", "1 while ready for traffic: the model answered a warm-up forward pass, "
+                           "and no shutdown began", registry=r)
+        # The autoscaling signal (a KEDA Prometheus trigger): requests, like Knative's concurrency,
+        # because a replica's latency grows with the requests it holds. Health probes and scrapes
+        # are left out (a scrape would always count itself). For images rather than requests, use
+        # limoe_queue_depth{encoder="image"}.
+        self.batch_jobs = Gauge("limoe_batch_jobs", "batch jobs (/v1/batches) by status", ["status"], registry=r)
+        self.batch_lines = Counter("limoe_batch_job_lines_total", "batch jobs' requests answered, by outcome "
+                                   "(completed: 2xx, in the output file; failed: in the error file)",
+                                   ["outcome"], registry=r)
+        self.inflight = Gauge("limoe_inflight_requests", "HTTP requests being handled (received, not yet answered), "
+                              "not counting health probes and metrics scrapes; a shutdown waits for them",
+                              registry=r)
 
     def observe_routing(self, modality: str, layers: list[int], num_experts: int,
                         expert_index: np.ndarray, dropped: np.ndarray) -> None:

@@ -92,7 +92,8 @@ class LayerRouting(BaseModel):
     layer: int = Field(description="block index of this MoE layer")
     tokens_per_expert: list[int] = Field(description="token choices each expert took")
     dropped: int = Field(description="token choices dropped because their expert was full")
-    top1_expert: list[int] = Field(description="each token's first-choice expert; -1 where it was dropped")
+    top1_expert: list[int] = Field(description="each token's first-choice expert; -1 where it was dropped (and, for "
+                                               "text, on padding)")
 
 
 class RoutingSummary(BaseModel):
@@ -100,6 +101,7 @@ class RoutingSummary(BaseModel):
     num_experts: int
     layers: list[LayerRouting]
     grid: int | None = Field(None, description="images: top1_expert is a grid x grid patch map, row-major")
+    note: str | None = Field(None, description="why `layers` is empty: the model has no expert layers")
 
 
 class ClassifyResult(BaseModel):
@@ -112,6 +114,16 @@ class ClassifyResult(BaseModel):
     code: str | None = None
 
 
+class PromptRouting(BaseModel):
+    prompt: str = Field(description="the label in one template")
+    routing: RoutingSummary
+
+
+class LabelRouting(BaseModel):
+    label: str
+    prompts: list[PromptRouting] = Field(description="one per template, in template order")
+
+
 class ClassifyResponse(BaseModel):
     """200 when at least one image was classified; when none was, the first image's error status,
     with its error here too."""
@@ -122,6 +134,8 @@ class ClassifyResponse(BaseModel):
     model: str
     version: str
     results: list[ClassifyResult]
+    label_routing: list[LabelRouting] | None = Field(None, description="with explain: how each label's prompts were "
+                                                                       "routed, in label order")
     error: str | None = None
     code: str | None = None
 
@@ -341,8 +355,106 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
 class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
 
+
+
+# -- batch jobs: /v1/files, /v1/batches (the OpenAI Batch API's shapes) -----------------------------------
+
+Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
+
+
+class BatchCreate(BaseModel):
+    """POST /v1/batches: a batch of the requests in an uploaded input file."""
+
+    model_config = examples({"input_file_id": "file-4f1c0e2a9b8d7c6e5f4a3b2c", "endpoint": "/v1/classify",
+                             "completion_window": "24h", "metadata": {"project": "catalogue"}})
+    input_file_id: str = Field(description="a file uploaded with purpose=batch: one JSON request per line")
+    endpoint: Literal["/v1/classify"] = Field(description="the route every request of the file names")
+    completion_window: Literal["24h"] = Field(description="a batch not finished by then expires")
+    metadata: Metadata | None = Field(None, max_length=16, description="up to 16 key-value pairs, kept as given")
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["processed"]
+    expires_at: int = Field(description="deleted then (LIMOE_JOBS_TTL_S after upload)")
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchError(BaseModel):
+    code: str
+    message: str
+    line: int | None = Field(None, description="1-based line of the input file")
+    param: str | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int = Field(description="requests answered 2xx: lines of the output file")
+    failed: int = Field(description="the others: lines of the error file")
+
+
+class BatchObject(BaseModel):
+    """A batch. Timestamps are Unix seconds, null until reached."""
+
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    errors: BatchErrors | None = Field(description="why validation failed")
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                    "cancelled"]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

@@ -15,10 +15,13 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
-def default_store() -> Path:
-    """The repository's model_store for a source checkout (editable install), else ./model_store."""
-    repo = Path(__file__).resolve().parent.parent / "model_store"
-    return repo if repo.is_dir() else Path("model_store")
+from limoe.model_store import default_store
+
+
+def default_jobs_dir() -> Path:
+    """Batch jobs' database and files: under the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "limoe" / "jobs"
 
 
 class Settings(BaseSettings):
@@ -62,6 +65,20 @@ class Settings(BaseSettings):
     label_set_cache_mb: float = Field(64.0, ge=0, description="MiB of whole label sets' class matrices kept (LRU), "
                                                              "so a label set seen before costs no per-label work")
 
+    # --- batch jobs (docs/BATCH.md) -------------------------------------------------------------
+    jobs_enabled: bool = Field(True, description="serve /v1/files and /v1/batches and run batch jobs")
+    jobs_dir: Path = Field(default_factory=default_jobs_dir, description="writable directory for the jobs' SQLite "
+                                                                        "database and files; one server at a time")
+    jobs_max_lines: int = Field(50_000, ge=1, description="requests per batch input file")
+    jobs_max_file_bytes: int = Field(200 * 2 ** 20, ge=1024, description="bytes per uploaded file (streamed to disk)")
+    jobs_max_active: int = Field(4, ge=1, description="batches not yet finished, per server; 429 beyond")
+    jobs_concurrency: int = Field(64, ge=1, le=1024, description="requests of one batch in flight at once (enough to "
+                                                                 "fill forward passes when the server is quiet)")
+    jobs_max_batch: int = Field(2, ge=1, description="batch-job examples per forward pass while interactive traffic "
+                                                    "flows (full passes after 1 s without it): smaller keeps "
+                                                    "interactive latency lower")
+    jobs_ttl_s: float = Field(7 * 86400, gt=0, description="files, and batches once finished, are deleted after this")
+
     # --- security -------------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated Bearer keys; empty = no authentication")
@@ -73,6 +90,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     keep_alive_s: float = Field(65.0, gt=0, description="idle keep-alive; above load balancers' 60 s idle timeout")
+    drain_s: float = Field(30.0, gt=0, description="graceful shutdown budget, from the first SIGTERM to exit: "
+                                                  "requests still in flight then get 503 (docs/SHUTDOWN.md)")
+    drain_grace_s: float = Field(5.0, ge=0, description="after SIGTERM, readiness answers 503 but new requests are "
+                                                        "still served this long (load balancers take a moment)")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -95,6 +116,8 @@ class Settings(BaseSettings):
         if self.max_body_bytes > self.max_inflight_bytes:
             raise ValueError("LIMOE_MAX_BODY_BYTES cannot exceed LIMOE_MAX_INFLIGHT_BYTES (such a body could never "
                              "be served)")
+        if self.drain_grace_s >= self.drain_s:
+            raise ValueError("LIMOE_DRAIN_GRACE_S must be shorter than LIMOE_DRAIN_S (the grace is part of the drain)")
         if self.quantized and self.backend != "onnx":
             raise ValueError("quantized graphs exist only for the onnx backend")
         return self

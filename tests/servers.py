@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,14 @@ def serve_process(**env: str):
     with Server(**env) as server:
         server.wait_ready()
         yield server.base, server.proc
+
+
+def metric(base: str, name: str) -> float:
+    """The value of the unlabelled metric `name` on the server's /metrics."""
+    for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
 
 
 def serve_fails(env: dict) -> tuple[int, str]:

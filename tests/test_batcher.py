@@ -241,3 +241,124 @@ def test_room_serves_waiters_in_order_and_passes_on_a_cancelled_wait():
         return room.used
 
     assert asyncio.run(main()) == 4
+
+
+# -- priorities: batch jobs' items (low) go after interactive ones ---------------------------------------
+
+async def _busy_worker(fn: Recorder) -> None:
+    """Wait until the worker is inside a forward pass, held at the recorder's gate."""
+    while not fn.entered.is_set():
+        await asyncio.sleep(0.005)
+
+
+class GatedRecorder(Recorder):
+    """A Recorder that says when the worker has entered a forward pass (`entered`), before its gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered = threading.Event()
+
+    def __call__(self, x):
+        self.entered.set()
+        return super().__call__(x)
+
+
+def test_interactive_items_go_first_and_low_ones_fill_passes_of_their_own_up_to_their_share():
+    # max_batch 4, at most 2 low-priority examples per pass. While the worker is held in the pass
+    # of item 0, five job items (10-14) queue, then two interactive ones (1, 2). Next pass: 1 and
+    # 2, though they came last, and no job item with them (an interactive pass carries none);
+    # then the job items, 2 per pass although a batch holds 4: 10 and 11, 12 and 13, then 14.
+    async def main():
+        fn = GatedRecorder()
+        fn.gate.clear()
+        b = DynamicBatcher("image", fn, 4, 0.02, 64, Metrics(), low_max_batch=2)
+        b.start()
+        first = b.submit(np.array([0.0]))
+        await _busy_worker(fn)
+        low = [await b.submit_wait(np.array([float(v)]), low=True) for v in (10, 11, 12, 13, 14)]
+        interactive = [b.submit(np.array([float(v)])) for v in (1, 2)]
+        assert b.depth == 7 and b.room.used == 2 and b.low_room.used == 5  # each queue counts its own places
+        fn.gate.set()
+        results = await asyncio.gather(first, *interactive, *low)
+        await b.stop()
+        return fn.batches, results
+
+    batches, results = asyncio.run(main())
+    assert batches == [[0.0], [1.0, 2.0], [10.0, 11.0], [12.0, 13.0], [14.0]]
+    assert [float(r.embedding[0]) for r in results] == [0, 1, 2, 10, 11, 12, 13, 14]  # each its own row
+
+
+def test_interactive_items_join_a_pass_of_low_ones_that_has_not_started():
+    # A pass of job items still being collected takes the interactive items that come meanwhile:
+    # they wait for no pass. The first pass is full (items 0-3) so it goes at once; then the
+    # worker takes job item 10 and waits (up to 5 s) for more; interactive 4, 5, 6 fill it.
+    async def main():
+        fn = GatedRecorder()
+        fn.gate.clear()
+        b = DynamicBatcher("image", fn, 4, 5.0, 64, Metrics(), low_max_batch=4)
+        b.start()
+        first = [b.submit(np.array([float(v)])) for v in range(4)]
+        await _busy_worker(fn)
+        low = await b.submit_wait(np.array([10.0]), low=True)
+        fn.gate.set()
+        while b.depth:  # the worker has item 10
+            await asyncio.sleep(0.001)
+        interactive = [b.submit(np.array([float(v)])) for v in (4, 5, 6)]
+        await asyncio.gather(*first, *interactive, low)
+        await b.stop()
+        return fn.batches
+
+    assert asyncio.run(main()) == [[0.0, 1.0, 2.0, 3.0], [10.0, 4.0, 5.0, 6.0]]
+
+
+def test_a_full_low_priority_queue_never_refuses_interactive_items():
+    # Queues of 2 places each. Two job items fill the low-priority queue; a third waits for room
+    # (never refused); interactive items still get both of their own places, and only a third
+    # interactive one is refused.
+    async def main():
+        fn = GatedRecorder()
+        fn.gate.clear()
+        b = DynamicBatcher("image", fn, 1, 0.0, 2, Metrics(), low_max_batch=1)
+        b.start()
+        first = b.submit(np.array([0.0]))
+        await _busy_worker(fn)
+        low = [await b.submit_wait(np.array([float(v)]), low=True) for v in (10, 11)]
+        third = asyncio.ensure_future(b.submit_wait(np.array([12.0]), low=True))
+        await asyncio.sleep(0.01)
+        assert not third.done()  # waits for a low-priority place
+        interactive = [b.submit(np.array([float(v)])) for v in (1, 2)]
+        with pytest.raises(Overloaded):
+            b.submit(np.array([3.0]))
+        fn.gate.set()
+        results = await asyncio.gather(first, *interactive, *low, await third)
+        await b.stop()
+        return fn.batches, results, b.room.used, b.low_room.used
+
+    batches, results, used, low_used = asyncio.run(main())
+    assert batches == [[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]]  # interactive first, though they came later
+    assert (used, low_used) == (0, 0)
+
+
+def test_low_priority_items_fill_whole_passes_while_interactive_traffic_is_quiet():
+    # No interactive item for `quiet_s`: job items fill passes of max_batch (4), not their share
+    # (2), so a job alone runs as fast as bulk work. An interactive item then caps them again.
+    async def main():
+        fn = GatedRecorder()
+        fn.gate.clear()
+        b = DynamicBatcher("image", fn, 4, 0.02, 64, Metrics(), low_max_batch=2, quiet_s=60)
+        b.start()
+        first = await b.submit_wait(np.array([9.0]), low=True)  # held in its pass
+        await _busy_worker(fn)
+        low = [await b.submit_wait(np.array([float(v)]), low=True) for v in (10, 11, 12, 13, 14)]
+        fn.gate.set()
+        await asyncio.gather(first, *low)
+        fn.gate.clear()
+        busy = b.submit(np.array([1.0]))  # interactive traffic: quiet for less than 60 s from now on
+        await _busy_worker(fn)
+        later = [await b.submit_wait(np.array([float(v)]), low=True) for v in (20, 21, 22, 23)]
+        fn.gate.set()
+        await asyncio.gather(busy, *later)
+        await b.stop()
+        return fn.batches
+
+    assert asyncio.run(main()) == [[9.0], [10.0, 11.0, 12.0, 13.0], [14.0], [1.0], [20.0, 21.0], [22.0, 23.0]]

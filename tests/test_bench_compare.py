@@ -17,8 +17,8 @@ spec = importlib.util.spec_from_file_location("limoe_vs_dense", ROOT / "bench" /
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
-VARIANTS = ["LIMoE (entropy losses)", "dense", "LIMoE (importance + load)", "LIMoE (no aux loss)"]
-SLUGS = ["limoe_entropy", "dense", "limoe_classic", "limoe_none"]
+VARIANTS = ["LIMoE (entropy losses)", "dense", "two-tower", "LIMoE (importance + load)", "LIMoE (no aux loss)"]
+SLUGS = ["limoe_entropy", "dense", "two_tower", "limoe_classic", "limoe_none"]
 
 
 def _variant(top1s, ten=0.5):
@@ -71,6 +71,11 @@ def test_verdict_says_what_the_numbers_say():
     assert bench.verdict({"LIMoE (entropy losses)": _variant([0.3]), "dense": _variant([0.1])}).startswith(
         "verdict: none from one seed: LIMoE minus dense is +20.00 points mean top-1 (")
     assert bench.verdict({"dense": limoe}).startswith("verdict: none (needs both")
+    # the same rule against the two-tower baseline
+    assert bench.verdict({"LIMoE (entropy losses)": limoe, "two-tower": _variant([0.10, 0.10, 0.10])},
+                         "two-tower").startswith("verdict: LIMoE beats two-tower by 4.00 points mean top-1")
+    assert bench.verdict({"LIMoE (entropy losses)": limoe, "dense": limoe}, "two-tower").startswith(
+        "verdict: none (needs both")
 
 
 def _run(tmp_path, *extra):
@@ -96,13 +101,14 @@ def test_comparison_trains_every_variant_and_seed_writes_json_and_resumes(tmp_pa
     # The table: every variant in order; dense has no routing columns.
     rows = [line for line in lines if line.startswith("| ")]
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == VARIANTS
-    assert rows[2].endswith("| - | - |")
+    assert rows[2].endswith("| - | - |") and rows[3].endswith("| - | - |")  # dense, two-tower
 
     # The recorded setup: preset, the override, the full config, data and budget.
     assert report["preset"] == "tiny" and report["overrides"] == {"width": 48} and report["config"]["width"] == 48
     assert report["config"]["num_experts"] == 4  # the rest is the tiny preset's
     assert report["variant_changes"]["dense"] == {"moe_layers": "none", "aux_loss": "none"}
     assert report["variant_changes"]["LIMoE (entropy losses)"] == {}
+    assert report["variant_changes"]["two-tower"] == {"arch": "two_tower", "moe_layers": "none", "aux_loss": "none"}
     assert (report["data"], report["sources"], report["seeds"]) == ("scenes", {"scenes": report["examples"]}, [0, 1])
     assert (report["steps"], report["batch_size"], report["eval_limit"]) == (3, 8, 40)
     assert report["eval_sets"] == ["scenes/held-out colour-shape pairs"]
@@ -117,25 +123,28 @@ def test_comparison_trains_every_variant_and_seed_writes_json_and_resumes(tmp_pa
             sets = r["sets"].values()
             assert r["mean_top1"] == pytest.approx(statistics.fmean(s["top1"] for s in sets))
             assert r["mean_10way"] == pytest.approx(statistics.fmean(s["top1_of_10"] for s in sets))
-            assert ("experts" in r and "dropped_rate" in r) == (name != "dense")
+            assert ("experts" in r and "dropped_rate" in r) == (name not in ("dense", "two-tower"))
             cfg, extra = read_metadata(tmp_path / "runs" / slug / f"seed{r['seed']}" / "model.safetensors")
             assert extra["train"]["seed"] == r["seed"] and extra["step"] == 3 and cfg.width == 48
+            assert cfg.arch == ("two_tower" if name == "two-tower" else "one_tower")
+            assert r["train_loss"] > 0  # the mean contrastive loss of its last logged steps
         for key in ("top1", "10way"):
             values = [r[f"mean_{key}"] for r in v["runs"]]
             assert v[f"mean_{key}"] == pytest.approx(statistics.fmean(values))
             assert v[f"std_{key}"] == pytest.approx(statistics.stdev(values))
 
-    # The last line is the verdict, computed from those numbers.
+    # The last lines are the verdicts, computed from those numbers: two-tower, then dense.
     assert lines[-1] == report["verdict"] == bench.verdict(report["variants"])
+    assert lines[-2] == report["verdict_two_tower"] == bench.verdict(report["variants"], "two-tower")
 
     # Again, after losing one run's evaluation: nothing is retrained, that one run is re-evaluated.
     ckpts = sorted((tmp_path / "runs").glob("*/seed*/model.safetensors"))
-    assert len(ckpts) == 8
+    assert len(ckpts) == 10
     stamps = [c.stat().st_mtime_ns for c in ckpts]
     (tmp_path / "runs" / "dense" / "seed1" / "eval.json").unlink()
     again = _run(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already trained") == 8 and [c.stat().st_mtime_ns for c in ckpts] == stamps
+    assert again.stdout.count("already trained") == 10 and [c.stat().st_mtime_ns for c in ckpts] == stamps
     second = json.loads((tmp_path / "verdict.json").read_text())
     assert second["variants"] == report["variants"] and second["verdict"] == report["verdict"]
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -46,11 +47,7 @@ INSTALL_HINT = {
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"`{name}` is not on PATH; these deployment checks need the real tool. "
-                    f"Install it with: {INSTALL_HINT[name]}", pytrace=False)
-    return path
+    return require(name, INSTALL_HINT[name])
 
 
 def run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:

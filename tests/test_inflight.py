@@ -196,3 +196,37 @@ def test_body_limit_above_the_budget_is_refused_at_start():
     code, err = serve_fails({"LIMOE_MAX_BODY_BYTES": "2000000", "LIMOE_MAX_IMAGE_BYTES": "1000000",
                               "LIMOE_MAX_INFLIGHT_BYTES": "1000000"})
     assert code == 2 and "\n  LIMOE_MAX_BODY_BYTES cannot exceed LIMOE_MAX_INFLIGHT_BYTES" in err
+
+
+def test_a_cancelled_request_cancels_its_work():
+    """`answer` is awaited by the request's task; when that task is cancelled (a drain cut short),
+    the work it started (the request's items in the batch queues) is cancelled too, not left
+    running until the engine stops."""
+    import asyncio
+
+    from service.http import answer
+
+    class Connected:  # a request whose client never disconnects
+        async def receive(self):
+            await asyncio.Event().wait()
+
+    async def scenario():
+        started, work_cancelled = asyncio.Event(), asyncio.Event()
+
+        async def work():
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                work_cancelled.set()
+                raise
+
+        request = asyncio.ensure_future(answer(Connected(), work(), timeout_s=60))
+        await started.wait()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0)
+        return work_cancelled.is_set()
+
+    assert asyncio.run(scenario())

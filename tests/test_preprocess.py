@@ -80,3 +80,29 @@ def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ImageError, match="more than the limit"):
         open_image(bomb, max_pixels=1_000_000)
     assert open_image(bomb, max_pixels=16_000_000).size == (4000, 4000)
+
+
+def test_decode_image_is_the_one_decoding_of_server_and_offline_classifier():
+    """Bytes -> model input, refusing empty, oversized (bytes, or pixels from the header) and
+    undecodable images with the messages clients see."""
+    import io
+
+    from PIL import Image
+
+    from limoe.preprocess import ImageError, ImageTooLargeError, PreprocessConfig, decode_image
+
+    cfg = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "PNG")
+    png = buf.getvalue()
+    assert decode_image(png, cfg, max_bytes=len(png), max_pixels=1200).shape == (3, 16, 16)
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"", cfg, 100, 100)
+    with pytest.raises(ImageTooLargeError, match=f"the image is {len(png)} bytes; the limit is {len(png) - 1}"):
+        decode_image(png, cfg, len(png) - 1, 10_000)
+    with pytest.raises(ImageTooLargeError, match="40x30 = 1200 pixels"):
+        decode_image(png, cfg, len(png), 1199)
+    with pytest.raises(ImageError, match="cannot decode image"):
+        decode_image(b"not an image", cfg, 100, 100)
+    with pytest.raises(ImageError, match="cannot (decode|convert) image"):
+        decode_image(png[: len(png) // 2], cfg, len(png), 10_000)  # truncated

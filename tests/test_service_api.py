@@ -98,6 +98,24 @@ def test_explain_shows_routing_per_layer(server):
     for layer in routing["layers"]:
         assert sum(layer["tokens_per_expert"]) == fake.manifest.image_tokens
         assert len(layer["top1_expert"]) == fake.manifest.image_tokens
+    assert "label_routing" not in classify(base, [png()]).json()  # only with explain
+
+
+def test_explain_shows_the_label_prompts_routing(server):
+    base, fake = server
+    templates = ["{}", "a photo of a {}."]
+    body = classify(base, [png()], explain=True, templates=templates).json()
+    assert [entry["label"] for entry in body["label_routing"]] == LABELS
+    prompts = [p for entry in body["label_routing"] for p in entry["prompts"]]
+    assert [p["prompt"] for p in prompts] == [t.replace("{}", label) for label in LABELS for t in templates]
+    for p in prompts:
+        real_tokens = int((fake.tokenizer.encode([p["prompt"]])[0] != 0).sum())  # padding is never routed
+        assert p["routing"]["modality"] == "text" and "grid" not in p["routing"]
+        routed = [sum(layer["tokens_per_expert"]) for layer in p["routing"]["layers"]]
+        assert routed == [real_tokens] * len(fake.moe.layers)
+    # each prompt routed as /v1/embed routes the same text
+    embedded = httpx.post(f"{base}/v1/embed", json={"texts": [p["prompt"] for p in prompts], "explain": True}).json()
+    assert [p["routing"] for p in prompts] == [t["routing"] for t in embedded["texts"]]
 
 
 def test_label_embeddings_are_cached(server):
@@ -231,12 +249,20 @@ def test_not_ready_until_warm():
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         c = classify(base, [png()])
         assert c.status_code == 503 and c.json()["code"] == "not_ready"
-        assert httpx.get(f"{base}/v2/health/ready").status_code == 503
+        # the v2 health answers carry the protocol's bodies (KServe's client reads them) besides the status
+        v2 = httpx.get(f"{base}/v2/health/ready")
+        assert (v2.status_code, v2.json()) == (503, {"ready": False})
+        v2 = httpx.get(f"{base}/v2/models/fake/ready")
+        assert (v2.status_code, v2.json()) == (503, {"name": "fake", "ready": False})
+        assert httpx.get(f"{base}/v2/health/live").json() == {"live": True}
         assert httpx.get(f"{base}/healthz").status_code == 200
         deadline = time.monotonic() + 10
         while httpx.get(f"{base}/readyz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert httpx.get(f"{base}/readyz").status_code == 200
+        v2 = httpx.get(f"{base}/v2/health/ready")
+        assert (v2.status_code, v2.json()) == (200, {"ready": True})
+        assert httpx.get(f"{base}/v2/models/fake/versions/1/ready").json() == {"name": "fake", "ready": True}
     warm = [(m, n) for m, n in fake.calls]
     assert ("image", 3) in warm and ("text", 3) in warm  # every batch size was exercised
 
