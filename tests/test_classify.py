@@ -6,10 +6,7 @@ All on the tiny placeholder model and a few dozen tiny images."""
 import base64
 import io
 import json
-import subprocess
-import sys
 import tarfile
-import textwrap
 from pathlib import Path
 
 import httpx
@@ -22,6 +19,7 @@ from limoe.classify import (ClassifyError, Item, ZeroShot, classify_items, load_
 from limoe.cli import main
 from limoe.zeroshot import zero_shot_scores
 from servers import serve_process
+from tools import run_without_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "limoe-tiny"
@@ -273,26 +271,18 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-NO_TORCH = textwrap.dedent("""
+NO_TORCH = """
     import sys
-
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test")
-
-    sys.meta_path.insert(0, NoTorch())
     from limoe.cli import main
 
     rc = main(["classify", sys.argv[1], "--labels", "cat,dog", "--model", "limoe-tiny", "--out", sys.argv[2],
                "--no-progress"])
     print(rc, "torch" in sys.modules, "ray" in sys.modules)
-""")
+"""
 
 
 def test_the_onnx_path_imports_no_torch(folder, tmp_path):
-    out = subprocess.run([sys.executable, "-c", NO_TORCH, str(folder), str(tmp_path / "o.jsonl")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = run_without_torch(NO_TORCH, str(folder), str(tmp_path / "o.jsonl"), cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "0 False False"
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 20

@@ -2,9 +2,6 @@
 ONNX path, int8 quantisation, and the manifest the server trusts."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from limoe.model_store import ModelStoreError, verify
 from limoe.onnx_encoder import OnnxEncoders, OnnxGraph
 from limoe.templates import DEFAULT_TEMPLATES
 from limoe.tokenizer import Tokenizer
+from tools import run_without_torch
 
 def _eager(model, images=None, tokens=None):
     with torch.no_grad():
@@ -118,13 +116,7 @@ def test_onnx_path_runs_where_torch_cannot_be_imported(exported, tmp_path):
     expected = _eager(model, images=images)[0]
     expected_text = _eager(model, tokens=torch.from_numpy(
         Tokenizer.load(entry / "tokenizer.json").encode(["red circle", "cat"])))[0]
-    script = textwrap.dedent(f"""
-        import sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, NoTorch())
+    script = f"""
         import numpy as np
         from limoe.onnx_encoder import OnnxEncoders
         enc = OnnxEncoders.from_entry({str(entry)!r})
@@ -132,8 +124,8 @@ def test_onnx_path_runs_where_torch_cannot_be_imported(exported, tmp_path):
         ids = enc.tokenizer.encode(["red circle", "cat"])
         np.save({str(tmp_path / "txt_out.npy")!r}, enc.encode_tokens(ids).embeddings)
         print("torch" in sys.modules, enc.providers)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    """
+    out = run_without_torch(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False ['CPUExecutionProvider']"
     np.testing.assert_allclose(np.load(tmp_path / "img_out.npy"), expected, atol=1e-4, rtol=0)

@@ -20,6 +20,7 @@ from limoe.onnx_encoder import OnnxEncoders
 from limoe.preprocess import open_image, preprocess_image
 from limoe.zeroshot import build_zero_shot_classifier, softmax
 from servers import ROOT, free_port, serve_fails, serve_process
+from tools import BLOCK_TORCH
 
 LABELS = ["red circle", "blue square", "green triangle"]
 
@@ -174,13 +175,7 @@ def test_real_prometheus_scrapes_metrics(live, tmp_path):
 
 
 def test_serve_path_needs_no_torch(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, NoTorch())\n")
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
     import os
 
     old = os.environ.get("PYTHONPATH")

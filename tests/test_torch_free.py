@@ -1,21 +1,13 @@
 """The serving path's modules import and work where importing torch is impossible."""
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
+
+from tools import run_without_torch
 
 STORE = Path(__file__).resolve().parent.parent / "model_store"
 
-SCRIPT = textwrap.dedent("""
+SCRIPT = """
     import sys
-
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test")
-
-    sys.meta_path.insert(0, NoTorch())
     import io
     import numpy as np
     from PIL import Image
@@ -41,10 +33,10 @@ SCRIPT = textwrap.dedent("""
         import torch
     except ImportError:
         print("ok", x.shape, w.shape, "torch" in sys.modules)
-""")
+"""
 
 
 def test_serving_modules_work_without_torch():
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(STORE)], capture_output=True, text=True)
+    out = run_without_torch(SCRIPT, str(STORE))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok (3, 64, 64) (4, 2) False"
