@@ -52,8 +52,9 @@ def bench_parser(doc: str, max_requests: int = 5000, load: bool = True):
     add_model_args(p)
     p.add_argument("--wait-ms", type=float, default=5.0, help="LIMOE_MAX_BATCH_WAIT_MS")
     p.add_argument("--threads", type=int, default=0,
-                   help="LIMOE_THREADS, ONNX Runtime intra-op threads; 0 (default) = its default, all cores, as "
-                        "the service runs unless told otherwise")
+                   help="LIMOE_THREADS: ONNX Runtime intra-op threads of the raw encoder and of each of the "
+                        "server's passes; 0 (default) = the raw encoder on every core (the runtime's default), "
+                        "the server's cores shared out among its passes, as it runs unless told otherwise")
     if load:
         p.add_argument("--max-requests", type=int, default=max_requests, help="requests per timed round at most")
         p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds of load first")
@@ -110,7 +111,9 @@ def threads_label(threads: int) -> str:
 
 
 def load_encoders(store: Path, model: str, threads: int):
-    """The same ONNX Runtime sessions the service builds (service.backends.open_onnx on CPU)."""
+    """The store entry's ONNX graphs on the CPU, run one pass at a time on `threads` intra-op threads
+    (0: ONNX Runtime's default, every core): the raw encoder the benchmarks hold the server to.
+    (The server runs LIMOE_ENCODER_PASSES passes at once, on the cores shared out among them.)"""
     from limoe.onnx_encoder import OnnxEncoders
 
     return OnnxEncoders.from_store(store, model, providers=["CPUExecutionProvider"], threads=threads or None)

@@ -3,7 +3,7 @@
 Images/s of `limoe classify` in one process, the same classifier as a Ray Data pipeline on a
 local Ray instance, a batch job through `limoe serve`, and the server's synchronous bulk endpoint.
 
-    python bench/bulk.py [--images 1024] [--size 64] [--rounds 3] [--batch-size 64] [--workers N]
+    python bench/bulk.py [--images 1024] [--size 64] [--rounds 3] [--batch-size 64] [--workers N] [--passes 2]
                          [--max-batch 32] [--bulk-clients 2] [--job-images 1] [--jobs-max-batch N]
                          [--no-ray] [--ray-concurrency 1] [--threads 0] [--store DIR --model NAME | --fresh]
 
@@ -12,13 +12,17 @@ written to a temporary folder, and 10 fixed labels; every path asks for the best
 path classifies all of them; images/s = images / the seconds timed, as follows.
 
 - raw encoder: the image encoder alone (`encode_images`) on the images already decoded and
-  preprocessed (untimed), in batches of --batch-size: the classifier's own encoder object, so the
-  same ONNX Runtime session, threads and provider.
+  preprocessed (untimed), in batches of --batch-size, one pass at a time, on a session of
+  --threads intra-op threads (0: ONNX Runtime's default, every core): the encoder as a caller
+  uses it. The target ratio is against this.
+- raw, N passes: the same, but --passes batches at once on the classifier's own encoder object
+  (the same session, threads and provider: the cores shared out among the passes), the way
+  classify runs it; printed with its ratio for comparison.
 - classify: `limoe.classify.classify_items` on the folder, with the model loaded and the label
   set embedded beforehand (the `ZeroShot` built once, as a long run amortises it): listing the
-  folder, decoding in --workers threads, encoding in batches of --batch-size, scoring, writing
-  the JSON lines. This is `limoe classify` minus its start-up (which its summary's images/s
-  includes).
+  folder, decoding in --workers threads, encoding in batches of --batch-size, --passes at once,
+  scoring, writing the JSON lines. This is `limoe classify` minus its start-up (which its
+  summary's images/s includes).
 - classify --ray: `limoe.classify_ray.run_ray` on the folder (--ray-concurrency actors,
   --batch-size, --workers), Ray started beforehand (num_cpus = os.cpu_count()). The figure is a whole
   run: the actors' start (process, imports, model, label set), reading, classifying, writing and
@@ -50,6 +54,8 @@ printed: other work on the machine skews it all.
 The last two lines:
     ratio classify/raw images/s: X (target >= 0.9)
     ratio batch job/bulk endpoint images/s: Y (target >= 0.8)
+
+and before them, for comparison, classify against the raw encoder run its way (N passes at once).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,29 +84,34 @@ from _server import Server
 
 from limoe.classify import (ClassifyError, JsonlWriter, ZeroShot, classify_items, decode, iter_items, load_entry,
                             open_encoders)
+from limoe.encoders import threads_per_pass
 
 LABELS10 = [*LABELS, "a tree", "a house", "a bird", "a green field", "a person"]
 TOP_K = 5
 POLL_S = 0.05  # batch status polls: a GET costs the server about a millisecond of its event loop
 FINISHED = ("completed", "failed", "cancelled", "expired")
-ROWS = ("raw encoder", "classify", "classify --ray", "batch job", "bulk endpoint")
+ROWS = ("raw encoder", "raw, N passes", "classify", "classify --ray", "batch job", "bulk endpoint")
 
 
 # -- in process: the raw encoder and `limoe classify` -----------------------------------------------
-def raw_rate(enc, pixels: np.ndarray, batch: int) -> float:
-    """images/s of `encode_images` over all of `pixels` (N, 3, R, R), `batch` at a time."""
-    start = time.perf_counter()
-    for i in range(0, len(pixels), batch):
-        enc.encode_images(pixels[i:i + batch])
-    return len(pixels) / (time.perf_counter() - start)
+def raw_rate(enc, pixels: np.ndarray, batch: int, passes: int = 1) -> float:
+    """images/s of `encode_images` over all of `pixels` (N, 3, R, R), `batch` at a time, `passes`
+    batches at once (each in its own thread)."""
+    chunks = [pixels[i:i + batch] for i in range(0, len(pixels), batch)]
+    with ThreadPoolExecutor(passes) as pool:
+        start = time.perf_counter()
+        for _ in pool.map(enc.encode_images, chunks):
+            pass
+        return len(pixels) / (time.perf_counter() - start)
 
 
-def classify_rate(zs: ZeroShot, folder: Path, out: Path, n: int, batch: int, workers: int) -> float:
+def classify_rate(zs: ZeroShot, folder: Path, out: Path, n: int, batch: int, workers: int, passes: int) -> float:
     """images/s of the offline classifier's pipeline on `folder`, the model already loaded."""
     writer = JsonlWriter(out, append=False)
     start = time.perf_counter()
     try:
-        summary = classify_items(iter_items([str(folder)]), zs, writer.write, TOP_K, batch, workers, progress=False)
+        summary = classify_items(iter_items([str(folder)]), zs, writer.write, TOP_K, batch, workers, progress=False,
+                                 passes=passes)
     finally:
         writer.close()
     elapsed = time.perf_counter() - start
@@ -233,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="images per encoder pass of classify, its Ray path and the raw encoder (classify's default)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="decoding threads of classify and of each Ray actor (classify's default, min(4, CPUs))")
+    p.add_argument("--passes", type=int, default=2, help="encoder passes at once of classify (its default, 2)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's LIMOE_MAX_BATCH_SIZE")
     p.add_argument("--bulk-clients", type=int, default=2, help="concurrent clients of the bulk endpoint")
     p.add_argument("--job-images", type=int, default=1, help="images per request (line) of the batch job")
@@ -241,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ray", action="store_true", help="skip the Ray path")
     p.add_argument("--ray-concurrency", type=int, default=1, help="classifier actors of the Ray path (default 1)")
     args = p.parse_args(argv)
-    if args.images < 1 or args.rounds < 1 or args.batch_size < 1 or args.job_images < 1:
-        p.error("--images, --rounds, --batch-size and --job-images must be at least 1")
+    if min(args.images, args.rounds, args.batch_size, args.job_images, args.passes) < 1:
+        p.error("--images, --rounds, --batch-size, --job-images and --passes must be at least 1")
 
     from service.settings import Settings
 
@@ -305,12 +318,16 @@ def measure(args, store: Path, defaults: dict, inputs: Inputs, tmp: Path) -> tup
     rates: dict[str, list[float]] = {name: [] for name in ROWS}
     server = Server("bulk", **server_env(args, store, defaults, inputs, tmp / "jobs")).start()  # loads meanwhile
     try:
-        zs = ZeroShot(open_encoders(load_entry(args.model, store=store), threads=args.threads), LABELS10)
+        entry = load_entry(args.model, store=store)
+        zs = ZeroShot(open_encoders(entry, threads=threads_per_pass(args.passes, args.threads)), LABELS10)
+        one_pass = open_encoders(entry, threads=args.threads)  # the raw encoder one pass at a time
         pixels = np.stack([decode(f, zs.preprocess) for f in inputs.files])  # (N, 3, R, R)
         for i in sorted({0, (n - 1) // batch * batch}):  # every batch shape once, untimed
             zs.encoders.encode_images(pixels[i:i + batch])
+            one_pass.encode_images(pixels[i:i + batch])
         warm = JsonlWriter(tmp / "warm.jsonl", append=False)  # the pipeline once (its imports), untimed
-        classify_items(iter_items(inputs.files[:batch]), zs, warm.write, TOP_K, batch, args.workers, progress=False)
+        classify_items(iter_items(inputs.files[:batch]), zs, warm.write, TOP_K, batch, args.workers, progress=False,
+                       passes=args.passes)
         warm.close()
         server.wait_ready()
         with httpx.Client(base_url=server.base, timeout=600, trust_env=False) as api:
@@ -320,13 +337,15 @@ def measure(args, store: Path, defaults: dict, inputs: Inputs, tmp: Path) -> tup
             upload_s = time.perf_counter() - start
             bulk_url = server.base + "/v1/classify/bulk"
             for r in range(args.rounds):
-                pairs = [("raw encoder", "classify"), ("batch job", "bulk endpoint")]
-                for name in (name for pair in pairs for name in (pair[::-1] if r % 2 else pair)):
+                groups = [("raw encoder", "raw, N passes", "classify"), ("batch job", "bulk endpoint")]
+                for name in (name for group in groups for name in (group[::-1] if r % 2 else group)):
                     if name == "raw encoder":
-                        rates[name].append(raw_rate(zs.encoders, pixels, batch))
+                        rates[name].append(raw_rate(one_pass, pixels, batch))
+                    elif name == "raw, N passes":
+                        rates[name].append(raw_rate(zs.encoders, pixels, batch, args.passes))
                     elif name == "classify":
                         rates[name].append(classify_rate(zs, inputs.folder, tmp / "classify.jsonl", n, batch,
-                                                         args.workers))
+                                                         args.workers, args.passes))
                     elif name == "batch job":
                         rates[name].append(n / job_seconds(api, file_id, inputs.lines))
                     else:
@@ -345,9 +364,12 @@ def report(args, defaults: dict, before: str, inputs: Inputs, rates: dict[str, l
     n, batch, ray = args.images, args.batch_size, notes["ray"]
     clients = min(args.bulk_clients, len(inputs.bodies))
     what = {
-        "raw encoder": f"encode_images alone on pre-decoded pixels, batches of {batch}",
+        "raw encoder": f"encode_images alone on pre-decoded pixels, batches of {batch}, one at a time, "
+                       f"ONNX Runtime threads {threads_label(args.threads)}",
+        "raw, N passes": f"the same, {args.passes} batches at once on the classifier's encoders "
+                         f"({threads_per_pass(args.passes, args.threads)} thread(s) each)",
         "classify": f"classify_items on the folder, model loaded: decode ({args.workers} threads), encode "
-                    f"(batches of {batch}), score, write JSONL",
+                    f"(batches of {batch}, {args.passes} at once), score, write JSONL",
         "classify --ray": f"whole run_ray runs, {args.ray_concurrency} actor(s), Ray already started",
         "batch job": f"{inputs.lines} lines of {args.job_images} image(s), create -> completed "
                      f"(upload of {len(inputs.job) / 2 ** 20:.1f} MiB untimed: {notes['upload_s']:.2f} s)",
@@ -373,8 +395,11 @@ def report(args, defaults: dict, before: str, inputs: Inputs, rates: dict[str, l
               f"later runs of {b} images {listing(ray['small'], '.2f')} s; steady state "
               + (f"{rate:.1f} images/s" if rate else "n/a (give more images than --batch-size)"))
     ratios = {"classify/raw": [c / r for c, r in zip(rates["classify"], rates["raw encoder"])],
+              "classify/raw N passes": [c / r for c, r in zip(rates["classify"], rates["raw, N passes"])],
               "batch job/bulk endpoint": [j / b for j, b in zip(rates["batch job"], rates["bulk endpoint"])]}
     print("per-round ratios: " + "; ".join(f"{k} {listing(v, '.3f')}" for k, v in ratios.items()))
+    print(f"ratio classify/raw, {args.passes} passes at once, images/s: "
+          f"{statistics.median(ratios['classify/raw N passes']):.3f} (for comparison)")
     print(f"ratio classify/raw images/s: {statistics.median(ratios['classify/raw']):.3f} (target >= 0.9)")
     print(f"ratio batch job/bulk endpoint images/s: {statistics.median(ratios['batch job/bulk endpoint']):.3f} "
           "(target >= 0.8)")

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from limoe.data.readers import CSV_IMAGE_KEYS, IMAGE_EXTS, expand_shards
-from limoe.encoders import Encoders
+from limoe.encoders import Encoders, threads_per_pass
 from limoe.model_store import Manifest, ModelStore, default_store, verify
 from limoe.preprocess import ImageError, ImageTooLargeError, PreprocessConfig, clean_error, decode_image
 from limoe.zeroshot import build_zero_shot_classifier, zero_shot_scores
@@ -494,58 +494,85 @@ class Summary:
                 f"{self.skipped} skipped, in {self.seconds:.1f}s: {self.images_per_second:.1f} images/s")
 
 
+def decode_items(items: Sequence[Item], cfg: PreprocessConfig, max_pixels: int = MAX_PIXELS,
+                 max_bytes: int = MAX_BYTES) -> list[np.ndarray | ItemError]:
+    """`decode_item` of each of `items` (one task of the decoding pool): the pixels, or the error."""
+    out: list[np.ndarray | ItemError] = []
+    for item in items:
+        try:
+            out.append(decode_item(item, cfg, max_pixels, max_bytes))
+        except ItemError as e:
+            out.append(e)
+    return out
+
+
 def classify_items(items: Iterable[Item], zs: ZeroShot, write, top_k: int | None = 5, batch_size: int = 64,
                    workers: int = 4, skip: set[str] | None = None, max_pixels: int = MAX_PIXELS,
-                   max_bytes: int = MAX_BYTES, progress: bool = True) -> Summary:
-    """Decode `items` in a pool of `workers` threads, at most 2 x `batch_size` images ahead of the
-    batch being filled (bounded memory, whatever the input's size); classify them `batch_size` at a
-    time; `write(rows)` in input order. Paths in `skip` (and repeats) are skipped."""
+                   max_bytes: int = MAX_BYTES, progress: bool = True, passes: int = 1) -> Summary:
+    """Classify `items` `batch_size` at a time: each batch is decoded by a pool of `workers`
+    threads (a slice of the batch per task, not a task per image), at most 2 batches ahead of the
+    encoder, then classified, `passes` batches at once (each in its own thread: open the encoders
+    with `threads_per_pass(passes)`); `write(rows)` in input order. Memory stays bounded whatever
+    the input's size: at most (3 + passes) x `batch_size` inputs are taken ahead of what is
+    written. Paths in `skip` (and repeats) are skipped."""
     from tqdm import tqdm
 
     summary, seen = Summary(), set(skip or ())
     cfg = zs.preprocess
-    window: deque[tuple[str, Future]] = deque()
-    pending_paths: list[str] = []
-    pending: list[np.ndarray | ItemError] = []
+    piece = -(-batch_size // workers)  # images per decoding task: each batch shared among the workers
+    decoding: deque[tuple[list[str], list[Future]]] = deque()  # batches being decoded, in input order
+    encoding: deque[Future] = deque()  # batches being classified, in input order: each -> rows
     bar = tqdm(unit="img", desc="classify", disable=not progress, dynamic_ncols=True, smoothing=0.1)
 
-    def flush() -> None:
-        if pending:
-            rows = zs.rows(pending_paths, pending, top_k)
-            write(rows)
-            errors = sum("error" in r for r in rows)
-            summary.images += len(rows)
-            summary.errors += errors
-            bar.update(len(rows))
-            if errors:
-                bar.set_postfix(errors=summary.errors, refresh=False)
-            pending_paths.clear()
-            pending.clear()
+    def batches() -> Iterator[list[Item]]:
+        batch: list[Item] = []
+        for item in items:
+            if item.path in seen:
+                summary.skipped += 1
+                continue
+            seen.add(item.path)
+            batch.append(item)
+            if len(batch) == batch_size:  # error items count too: a run of bad files stays bounded
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
-    items = iter(items)
-    with ThreadPoolExecutor(workers, thread_name_prefix="limoe-decode") as pool:
+    def finish() -> None:
+        """Write the oldest batch being classified, once it is."""
+        rows = encoding.popleft().result()
+        write(rows)
+        errors = sum("error" in r for r in rows)
+        summary.images += len(rows)
+        summary.errors += errors
+        bar.update(len(rows))
+        if errors:
+            bar.set_postfix(errors=summary.errors, refresh=False)
+
+    def classify_next() -> None:
+        """Hand the oldest batch being decoded, once it is, to the encoder."""
+        paths, futures = decoding.popleft()
+        decoded = [x for future in futures for x in future.result()]
+        while len(encoding) >= passes:
+            finish()
+        encoding.append(encoder.submit(zs.rows, paths, decoded, top_k))
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="limoe-decode") as pool, \
+            ThreadPoolExecutor(passes, thread_name_prefix="limoe-encode") as encoder:
         try:
-            while True:
-                while len(window) < 2 * batch_size and (item := next(items, None)) is not None:
-                    if item.path in seen:
-                        summary.skipped += 1
-                        continue
-                    seen.add(item.path)
-                    window.append((item.path, pool.submit(decode_item, item, cfg, max_pixels, max_bytes)))
-                if not window:
-                    break
-                path, future = window.popleft()
-                try:
-                    pending.append(future.result())
-                except ItemError as e:
-                    pending.append(e)
-                pending_paths.append(path)
-                if len(pending) == batch_size:  # error rows count too: a run of bad files stays bounded
-                    flush()
-            flush()
+            for batch in batches():
+                if len(decoding) == 2:
+                    classify_next()
+                decoding.append(([item.path for item in batch],
+                                 [pool.submit(decode_items, batch[i:i + piece], cfg, max_pixels, max_bytes)
+                                  for i in range(0, len(batch), piece)]))
+            while decoding:
+                classify_next()
+            while encoding:
+                finish()
         finally:
-            for _, future in window:  # an interrupted run: stop decoding what nobody will read
-                future.cancel()
+            for future in [f for _, futures in decoding for f in futures] + list(encoding):
+                future.cancel()  # an interrupted run: stop what nobody will read
             bar.close()
     return summary
 
@@ -555,7 +582,7 @@ def run(inputs: Sequence[str], out: str | Path, labels: Sequence[str], *, templa
         backend: str = "onnx", device: str = "auto", quantized: bool | None = None, threads: int = 0,
         top_k: int | None = 5, batch_size: int = 64, workers: int = 4, resume: bool = False,
         overwrite: bool = False, retry_errors: bool = False, max_pixels: int = MAX_PIXELS,
-        max_bytes: int = MAX_BYTES, progress: bool = True) -> Summary:
+        max_bytes: int = MAX_BYTES, progress: bool = True, passes: int = 2) -> Summary:
     """Classify `inputs` (see `iter_items`) against `labels` into `out` (.jsonl or .parquet) on one
     machine. An existing `out` needs `resume` (skip what it holds) or `overwrite`."""
     started = time.perf_counter()
@@ -571,14 +598,16 @@ def run(inputs: Sequence[str], out: str | Path, labels: Sequence[str], *, templa
     check_templates(templates)
     if output_format(out) == "parquet":
         _pyarrow()  # fail now, not after the model is loaded
-    zs = ZeroShot(open_encoders(load_entry(model, version, store), backend, device, quantized, threads),
-                  labels, templates)
+    if passes < 1:
+        raise ClassifyError("--passes must be at least 1")
+    zs = ZeroShot(open_encoders(load_entry(model, version, store), backend, device, quantized,
+                                threads_per_pass(passes, threads)), labels, templates)
     skip = done_paths(out, retry_errors) if resume else set()
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = open_writer(out, resume, retry_errors)
     try:
         summary = classify_items(iter_items(inputs), zs, writer.write, top_k, batch_size, workers, skip,
-                                 max_pixels, max_bytes, progress)
+                                 max_pixels, max_bytes, progress, passes)
     finally:
         writer.close()
     summary.seconds = time.perf_counter() - started

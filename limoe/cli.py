@@ -231,7 +231,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             summary = run_ray(args.paths, args.out, labels, address=args.ray_address,
                               concurrency=args.concurrency, num_gpus=args.num_gpus, **options)
         else:
-            summary = run(args.paths, args.out, labels, **options)
+            summary = run(args.paths, args.out, labels, passes=args.passes, **options)
     except (ClassifyError, ModelStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -369,8 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when present)")
     cls.add_argument("--int8", action=argparse.BooleanOptionalAction,
                      help="the entry's int8 ONNX graphs (--no-int8: fp32; default: fp32 when present, as the server)")
-    cls.add_argument("--threads", type=int, default=0, help="encoder intra-op threads (default: the library's)")
+    cls.add_argument("--threads", type=int, default=0,
+                     help="encoder intra-op threads per pass (default: the cores shared out among --passes)")
     cls.add_argument("--batch-size", type=int, default=64, help="images per encoder pass (default 64)")
+    cls.add_argument("--passes", type=int, default=2,
+                     help="encoder passes at once, each in its own thread (default 2; without --ray)")
     cls.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                      help="threads decoding images (default min(4, CPUs))")
     cls.add_argument("--resume", action="store_true", help="keep what --out holds and classify only the other "

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from dataclasses import dataclass
@@ -158,12 +159,26 @@ def resize_center_crop(img: Image.Image, size: int, resample: str = "bicubic") -
     return img.resize((size, size), _RESAMPLING[resample], box=(left, top, left + side, top + side))
 
 
+@functools.lru_cache(maxsize=16)
+def normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: channel c's byte v -> (v / 255 - mean[c]) / std[c], in float32, the same
+    operations in the same order as on a whole image, so the same bits."""
+    v = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    table = (v[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    table.flags.writeable = False
+    return table
+
+
 def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """One Pillow image -> (3, R, R) float32, normalised."""
+    """One Pillow image -> (3, R, R) float32, normalised: (x / 255 - mean) / std per channel, looked
+    up in `normalise_table` (a byte has 256 values; half the time of computing it per pixel)."""
     rgb = resize_center_crop(to_rgb(img, cfg.background), cfg.image_size, cfg.resample)
-    x = np.asarray(rgb, dtype=np.float32) / 255.0  # (R, R, 3)
-    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, R, R)
+    channels = np.asarray(rgb).transpose(2, 0, 1)  # (3, R, R) uint8
+    table = normalise_table(cfg.mean, cfg.std)
+    x = np.empty(channels.shape, np.float32)
+    for c in range(3):
+        np.take(table[c], channels[c], out=x[c])
+    return x
 
 
 def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessConfig) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from limoe.encoders import EncoderOutput, Encoders, MoEInfo, TorchEncoders
+from limoe.encoders import EncoderOutput, Encoders, MoEInfo, TorchEncoders, threads_per_pass
 from limoe.model_store import FORMAT, Manifest, ModelStore, ModelStoreError, verify
 from limoe.onnx_encoder import OnnxEncoders, graph_suffix
 from limoe.preprocess import PreprocessConfig
@@ -104,9 +104,10 @@ def open_onnx(manifest: Manifest, device: str = "auto", threads: int = 0, quanti
 def load_backend(settings: Settings) -> Backend:
     check_device(settings)
     manifest = load_manifest(settings)
+    threads = threads_per_pass(settings.encoder_passes, settings.threads)
     if settings.backend == "onnx":
-        return open_onnx(manifest, settings.device, settings.threads, settings.quantized, settings.spinning)
-    return TorchEncoders.from_entry(manifest, settings.device, settings.threads)
+        return open_onnx(manifest, settings.device, threads, settings.quantized, settings.spinning)
+    return TorchEncoders.from_entry(manifest, settings.device, threads)
 
 
 class FakeBackend:

@@ -9,6 +9,12 @@ keeps collecting until `max_batch` examples or `max_wait` seconds, skips items w
 away (cancelled futures), and runs the forward pass in its own thread, off the event loop. If a
 batch fails, its items are retried one by one, so a poisoned item fails alone.
 
+Up to `passes` forward passes run at once, each in a thread of its own (like Triton's model
+instances; with ONNX Runtime on a CPU, each pass on its share of the cores). The worker collects
+the next batch as soon as a pass is free, so with two passes the encoder never idles while the
+event loop splits a pass's results and counts its routing; while every pass is busy, items stay
+in the queues, where interactive ones still go first.
+
 Two priorities: interactive items (the default) and low-priority ones (`submit_wait(x, low=True)`:
 batch jobs' images, service/job_runner.py). A batch takes every waiting interactive item first;
 only a batch that has none (so far) takes low-priority ones, at most `low_max_batch` examples of
@@ -134,7 +140,7 @@ class DynamicBatcher:
     def __init__(self, name: str, forward: Callable[[np.ndarray], EncoderOutput], max_batch: int,
                  max_wait_s: float, queue_size: int, metrics: Metrics,
                  on_batch: Callable[[EncoderOutput], None] | None = None, low_max_batch: int | None = None,
-                 quiet_s: float = QUIET_S):
+                 quiet_s: float = QUIET_S, passes: int = 1):
         self.name, self.forward = name, forward
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.low_max_batch = max_batch if low_max_batch is None else min(low_max_batch, max_batch)
@@ -146,19 +152,24 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()  # interactive
         self._low: deque[_Item] = deque()  # low priority
         self._arrived = asyncio.Event()  # set when an item is queued; the worker clears it before waiting
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"limoe-{name}")
+        self.passes = passes  # forward passes at once
+        self._executor = ThreadPoolExecutor(max_workers=passes, thread_name_prefix=f"limoe-{name}")
         self._task: asyncio.Task | None = None
         self._held: _Item | None = None  # collected, but did not fit its batch: it starts the next one
+        self._passes: set[asyncio.Task] = set()  # forward passes handed over and not yet answered
+        self._pass_done = asyncio.Event()  # set when one of them ends
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in [self._task, *self._passes]:
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         left = [self._held] if self._held else []
@@ -231,6 +242,11 @@ class DynamicBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, x)
 
     # -- worker ----------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Every pass is running."""
+        return len(self._passes) >= self.passes
+
     def _pop(self, rows: int, low_rows: int) -> _Item | None:
         """The next item for a batch holding `rows` examples, `low_rows` of them low priority:
         an interactive one if any waits; else a low-priority one if the batch is empty, or all
@@ -290,29 +306,48 @@ class DynamicBatcher:
         return [item for item in batch if not item.future.done()]  # callers that gave up
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
+            while self.busy:  # collect only for a free pass: until then, items wait in the queues
+                self._pass_done.clear()
+                await self._pass_done.wait()
             batch = await self._collect()
             if not batch:
                 continue
             now = time.perf_counter()
             for item in batch:
                 self.metrics.queue_seconds.labels(self.name).observe(now - item.enqueued)
-            try:
-                await self._forward(loop, batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the worker die: it would hang every later request
-                log.exception("%s batcher: unexpected error", self.name)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(RuntimeError("inference failed"))
+            task = asyncio.get_running_loop().create_task(self._pass(batch), name=f"batcher-{self.name}-pass")
+            self._passes.add(task)
+            task.add_done_callback(self._pass_ended)
+
+    def _pass_ended(self, task: asyncio.Task) -> None:
+        self._passes.discard(task)
+        self._pass_done.set()
+
+    async def _pass(self, batch: list[_Item]) -> None:
+        """One forward pass and its answers; whatever happens, every item's future ends."""
+        try:
+            await self._forward(asyncio.get_running_loop(), batch)
+        except asyncio.CancelledError:
+            for item in batch:
+                item.future.cancel()
+            raise
+        except Exception:  # never leave a caller waiting: it would hang its request
+            log.exception("%s batcher: unexpected error", self.name)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError("inference failed"))
+
+    def _timed_forward(self, x: np.ndarray) -> tuple[EncoderOutput, float]:
+        """The forward pass and its seconds, timed in the pass's own thread."""
+        started = time.perf_counter()
+        out = self.forward(x)
+        return out, time.perf_counter() - started
 
     async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         x = np.concatenate([item.x for item in batch])
-        started = time.perf_counter()
         try:
-            out = await loop.run_in_executor(self._executor, self.forward, x)
+            out, seconds = await loop.run_in_executor(self._executor, self._timed_forward, x)
         except Exception as e:
             if len(batch) > 1:  # isolate the culprit: retry each item alone
                 log.warning("%s batch of %d failed (%s); retrying items one by one", self.name, len(batch), e)
@@ -324,7 +359,7 @@ class DynamicBatcher:
             if not batch[0].future.done():
                 batch[0].future.set_exception(RuntimeError("inference failed for this item"))
             return
-        self.metrics.inference_seconds.labels(self.name).observe(time.perf_counter() - started)
+        self.metrics.inference_seconds.labels(self.name).observe(seconds)
         self.metrics.batch_size.labels(self.name).observe(len(x))
         self.metrics.items.labels(self.name, "ok").inc(len(x))
         if self.on_batch:

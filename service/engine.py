@@ -24,6 +24,9 @@ from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, Se
 from service.metrics import Metrics
 from service.settings import Settings
 
+# A label set's prompts are tokenised this many batcher chunks at a time (see Engine.encode_texts).
+TOKENIZE_CHUNKS = 8
+
 log = logging.getLogger("limoe.service")
 
 
@@ -123,7 +126,7 @@ class Engine:
             self.metrics.observe_routing(modality, self.moe_layers, self.num_experts, out.expert_index, out.dropped)
 
         return DynamicBatcher(modality, forward, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size,
-                              self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch)
+                              self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch, passes=s.encoder_passes)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -252,18 +255,32 @@ class Engine:
 
     async def encode_texts(self, texts: Sequence[str]) -> list[ItemResult]:
         """Tokenise in the worker pool (a label set's thousands of prompts take a few hundred ms,
-        which the event loop must not wait for), then queue in chunks of a full batch (one queue
-        item each, not one per text), waiting for room: the prompts may outnumber the queue."""
-        ids = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.tokenizer.encode, list(texts))
-        step = self.text_batcher.chunk
+        which the event loop must not wait for), piece by piece while the encoder already runs on
+        the first chunk, then queue in chunks of a full batch (one queue item each, not one per
+        text), waiting for room: the prompts may outnumber the queue."""
+        loop = asyncio.get_running_loop()
+        texts, step = list(texts), self.text_batcher.chunk
+
+        def tokenize(start: int, stop: int) -> asyncio.Future:
+            return loop.run_in_executor(self.pool, self.backend.tokenizer.encode, texts[start:stop])
+
+        # The first piece is one chunk, so that the encoder starts at once; later ones are
+        # TOKENIZE_CHUNKS chunks, tokenised while the chunks before them are encoded.
+        pieces = [(0, step)] + [(i, i + step * TOKENIZE_CHUNKS) for i in range(step, len(texts), step * TOKENIZE_CHUNKS)]
         futures: list[asyncio.Future] = []
+        pending = tokenize(*pieces[0])
         try:
-            for start in range(0, len(ids), step):
-                futures.append(await self.text_batcher.submit_many_wait(ids[start:start + step]))
+            for k in range(len(pieces)):
+                ids = await pending
+                pending = tokenize(*pieces[k + 1]) if k + 1 < len(pieces) else None
+                for start in range(0, len(ids), step):
+                    futures.append(await self.text_batcher.submit_many_wait(ids[start:start + step]))
             return [result for chunk in await asyncio.gather(*futures) for result in chunk]
         except RuntimeError as e:
             raise InferenceFailed(str(e)) from None
         finally:
+            if pending is not None:
+                pending.cancel()
             for f in futures:  # if one failed or we were cancelled, free the others' slots
                 if not f.done():
                     f.cancel()

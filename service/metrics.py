@@ -42,6 +42,7 @@ class Metrics:
                                        ["result"], registry=r)
         self.label_set_cache_bytes = Gauge("limoe_label_set_cache_bytes", "bytes of label-set class matrices cached",
                                            registry=r)
+        self._children: dict[tuple, list[tuple]] = {}  # see _expert_children
         self.expert_tokens = Counter("limoe_expert_tokens_total", "tokens routed to an expert (all K choices)",
                                      ["layer", "modality", "expert"], registry=r)
         self.expert_dropped = Counter("limoe_expert_tokens_dropped_total",
@@ -67,9 +68,20 @@ class Metrics:
                         expert_index: np.ndarray, dropped: np.ndarray) -> None:
         """Count a batch's expert choices: expert_index/dropped (B, M, T, K); -1 marks padding."""
         routed_all, lost_all = expert_counts(expert_index, dropped, num_experts)  # (M, E) each
-        for layer, routed, lost in zip(layers, routed_all, lost_all):
-            for e in range(num_experts):
-                if routed[e]:
-                    self.expert_tokens.labels(str(layer), modality, str(e)).inc(int(routed[e]))
-                if lost[e]:
-                    self.expert_dropped.labels(str(layer), modality, str(e)).inc(int(lost[e]))
+        for layer, routed, lost in zip(layers, routed_all.tolist(), lost_all.tolist()):
+            children = self._expert_children(layer, modality, num_experts)
+            for (routed_child, dropped_child), n_routed, n_lost in zip(children, routed, lost):
+                if n_routed:
+                    routed_child.inc(n_routed)
+                if n_lost:
+                    dropped_child.inc(n_lost)
+
+    def _expert_children(self, layer: int, modality: str, num_experts: int) -> list[tuple]:
+        """The (routed, dropped) counters of each expert of a layer and modality, looked up once
+        (the batchers count every forward pass)."""
+        key = (layer, modality, num_experts)
+        if key not in self._children:
+            self._children[key] = [(self.expert_tokens.labels(str(layer), modality, str(e)),
+                                    self.expert_dropped.labels(str(layer), modality, str(e)))
+                                   for e in range(num_experts)]
+        return self._children[key]

@@ -35,11 +35,14 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     quantized: bool | None = Field(None, description="true: the entry's int8 ONNX graphs (CPU), false: its fp32 "
                                                       "ones; unset: fp32 when the entry has them, else int8")
-    threads: int = Field(0, ge=0, description="intra-op threads per encoder; 0 = library default")
+    threads: int = Field(0, ge=0, description="intra-op threads per forward pass; 0 = the cores shared out among "
+                                              "LIMOE_ENCODER_PASSES (one pass: the library's default)")
     spinning: bool = Field(True, description="ONNX Runtime threads busy-wait between ops (faster alone, "
                                                "but they steal CPU from decoding and HTTP on small machines)")
 
     # --- batching -------------------------------------------------------------------------------
+    encoder_passes: int = Field(2, ge=1, le=16, description="forward passes each encoder runs at once, each in its "
+                                "own thread (like Triton's model instances): a batch starts while another runs")
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     queue_size: int = Field(256, ge=1, description="items waiting per encoder before 429")

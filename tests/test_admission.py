@@ -77,7 +77,8 @@ def decoded(engine) -> float:
 @pytest.fixture()
 def server():
     backend = GatedBackend()
-    settings = Settings(max_batch_size=1, queue_size=QUEUE, max_batch_wait_ms=0, warmup=False)
+    # One forward pass at a time, so that one blocked pass holds the encoder.
+    settings = Settings(max_batch_size=1, queue_size=QUEUE, max_batch_wait_ms=0, warmup=False, encoder_passes=1)
     app = create_app(settings, backend=backend)
     with uvicorn_thread(app) as base:
         yield base, app.state.engine, backend

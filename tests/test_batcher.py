@@ -362,3 +362,84 @@ def test_low_priority_items_fill_whole_passes_while_interactive_traffic_is_quiet
         return fn.batches
 
     assert asyncio.run(main()) == [[9.0], [10.0, 11.0, 12.0, 13.0], [14.0], [1.0], [20.0, 21.0], [22.0, 23.0]]
+
+
+class PassGate:
+    """forward(): waits until `passes` forward passes are inside it at once (each thread its
+    own), then answers; records each batch. Proves passes overlap, without timing."""
+
+    def __init__(self, passes: int):
+        self.barrier = threading.Barrier(passes, timeout=10)
+        self.batches: list[list[float]] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, x: np.ndarray) -> EncoderOutput:
+        self.threads.add(threading.current_thread().name)
+        if len(self.batches) < self.barrier.parties:  # the first passes meet; later ones run freely
+            self.batches.append(x[:, 0].tolist())
+            self.barrier.wait()
+        else:
+            self.batches.append(x[:, 0].tolist())
+        n = len(x)
+        return EncoderOutput(x.astype(np.float32), np.full((n, 1, 1, 1), 0, np.int64), np.zeros((n, 1, 1, 1), bool))
+
+
+def test_two_passes_run_at_once_each_in_its_own_thread():
+    # With passes=2 the worker starts a second batch while the first is still in its forward pass:
+    # both must be inside forward at once to pass the barrier (one pass at a time would break it).
+    async def main():
+        fn = PassGate(2)
+        b = DynamicBatcher("text", fn, 2, 0.0, 64, Metrics(), passes=2)
+        b.start()
+        futures = [b.submit(np.array([float(i)])) for i in range(6)]
+        results = await asyncio.gather(*futures)
+        await b.stop()
+        return fn, results
+
+    fn, results = asyncio.run(main())
+    assert len(fn.threads) == 2
+    assert sorted(v for batch in fn.batches for v in batch) == list(range(6))
+    assert [float(r.embedding[0]) for r in results] == list(range(6))  # answers go to their callers
+
+
+def test_one_pass_at_a_time_by_default():
+    # passes=1: the second batch cannot start while the first is in forward, so the barrier of
+    # two breaks (BrokenBarrierError fails that pass's items alone, then the worker carries on).
+    async def main():
+        fn = PassGate(2)
+        fn.barrier = threading.Barrier(2, timeout=0.2)
+        b = DynamicBatcher("text", fn, 2, 0.0, 64, Metrics())
+        b.start()
+        futures = [b.submit(np.array([float(i)])) for i in range(4)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await b.stop()
+        return fn, results
+
+    fn, results = asyncio.run(main())
+    assert len(fn.threads) == 1
+    assert any(isinstance(r, RuntimeError) for r in results)  # the lone pass at the barrier failed
+
+
+def test_while_every_pass_is_busy_interactive_items_still_go_first():
+    # Two passes, both held at the gate (items 0 and 1). Job items 10, 11 queue, then interactive
+    # 2: the queue keeps them (nothing is collected for a pass that is not free), so once the gate
+    # opens, 2 runs before the job items although it came last.
+    async def main():
+        fn = GatedRecorder()
+        fn.gate.clear()
+        b = DynamicBatcher("image", fn, 1, 0.0, 64, Metrics(), passes=2)
+        b.start()
+        first = [b.submit(np.array([float(v)])) for v in (0, 1)]
+        while b.depth:  # both passes took their item
+            await asyncio.sleep(0.001)
+        low = [await b.submit_wait(np.array([float(v)]), low=True) for v in (10, 11)]
+        interactive = b.submit(np.array([2.0]))
+        assert b.depth == 3  # nothing collected while both passes are busy
+        fn.gate.set()
+        await asyncio.gather(*first, interactive, *low)
+        await b.stop()
+        return fn.batches
+
+    batches = asyncio.run(main())
+    assert sorted(batches[:2]) == [[0.0], [1.0]] and batches[2] == [2.0]
+    assert sorted(batches[3:]) == [[10.0], [11.0]]

@@ -28,9 +28,10 @@ def test_bulk_benchmark_reports_every_path_and_the_two_ratios():
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    rows = dict(re.findall(rf"^(raw encoder|classify|classify --ray|batch job|bulk endpoint) *: +({RATE[1:-1]}|-) "
-                           "images/s", text, re.M))
-    assert list(rows) == ["raw encoder", "classify", "classify --ray", "batch job", "bulk endpoint"], text
+    rows = dict(re.findall(rf"^(raw encoder|raw, N passes|classify|classify --ray|batch job|bulk endpoint) *: "
+                           rf"+({RATE[1:-1]}|-) images/s", text, re.M))
+    assert list(rows) == ["raw encoder", "raw, N passes", "classify", "classify --ray", "batch job", "bulk endpoint"], text
+    assert re.search(r"^raw, N passes *: .*; the same, 2 batches at once on the classifier's encoders", text, re.M), text
     assert re.search(r"^batch job *: .*; 24 lines of 1 image\(s\), create -> completed", text, re.M), text
     assert re.search(r"^bulk endpoint *: .*; 1 request\(s\) of up to 256 images, 1 concurrent client\(s\)$",
                      text, re.M), text
@@ -43,9 +44,11 @@ def test_bulk_benchmark_reports_every_path_and_the_two_ratios():
     else:
         assert re.search(r"^classify --ray *: +- images/s; skipped: Ray is not installed", text, re.M), text
 
-    *_, classify_line, job_line = text.strip().splitlines()
+    *_, passes_line, classify_line, job_line = text.strip().splitlines()
+    passes = re.fullmatch(rf"ratio classify/raw, 2 passes at once, images/s: {RATIO} \(for comparison\)", passes_line)
     classify = re.fullmatch(rf"ratio classify/raw images/s: {RATIO} \(target >= 0\.9\)", classify_line)
     job = re.fullmatch(rf"ratio batch job/bulk endpoint images/s: {RATIO} \(target >= 0\.8\)", job_line)
-    assert classify and job, text
+    assert passes and classify and job, text
     assert within_rounding(float(classify[1]), rates["classify"], rates["raw encoder"]), text
+    assert within_rounding(float(passes[1]), rates["classify"], rates["raw, N passes"]), text
     assert within_rounding(float(job[1]), rates["batch job"], rates["bulk endpoint"]), text

@@ -71,7 +71,8 @@ def test_label_scaling():
     out = run_bench("label_scaling.py", "--labels", "40", "--rounds", "2", "--requests", "3", "--cold-rounds", "1",
                     load=False)
     assert re.search(r"^raw text encoder, prompts/s by batch size: 1: \d+, .*32: \d+ \(best \d+\)$", out, re.M), out
-    assert re.search(rf"^cold 40 labels \(\d+ prompts\): server {RATE} s, raw at batch \d+ {RATE} s", out, re.M), out
+    assert re.search(rf"^cold 40 labels \(\d+ prompts\): server {RATE} s, raw at batch \d+ {RATE} s .*; raw, 2 "
+                     rf"one-thread passes at once {RATE} s$", out, re.M), out
     assert re.search(rf"^ratio cold/raw: {RATE} \(target <= 1\)$", out, re.M), out
     warm = {int(n): float(ms) for n, ms in re.findall(rf"^warm +(\d+) labels: median {RATE} ms over 6 requests",
                                                       out, re.M)}

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from limoe.classify import (ClassifyError, Item, ZeroShot, classify_items, load_entry, open_encoders, parse_labels,
-                            read_rows, run)
+from limoe.classify import (ClassifyError, Item, ZeroShot, classify_items, iter_items, load_entry, open_encoders,
+                            parse_labels, read_rows, run)
 from limoe.cli import main
 from limoe.zeroshot import zero_shot_scores
 from servers import serve_process
@@ -237,8 +237,9 @@ def test_parquet_output_holds_the_same_rows(folder, reference, tmp_path):
 
 
 def test_bounded_memory(folder):
-    """Decoded images wait in a window of 2 x batch_size futures plus the batch being filled: at
-    most 3 x batch_size inputs are taken ahead of what is written, however long the input."""
+    """Decoded images wait in a window of 2 x batch_size futures, plus the batch being filled and
+    the `passes` batches being classified: at most (3 + passes) x batch_size inputs are taken
+    ahead of what is written, however long the input."""
     zs = ZeroShot(open_encoders(load_entry(MODEL)), LABELS)
     data = (folder / "rgb05.png").read_bytes()
     taken, ahead, written = [0], [], [0]
@@ -252,8 +253,33 @@ def test_bounded_memory(folder):
         ahead.append(taken[0] - written[0])
         written[0] += len(rows)
 
-    summary = classify_items(items(), zs, write, batch_size=8, workers=2, progress=False)
-    assert summary.images == written[0] == 200 and max(ahead) <= 3 * 8
+    summary = classify_items(items(), zs, write, batch_size=8, workers=2, progress=False, passes=2)
+    assert summary.images == written[0] == 200 and max(ahead) <= (3 + 2) * 8
+
+
+def test_one_pass_at_a_time_writes_the_same_rows_in_the_same_order(folder, reference, tmp_path):
+    """The reference ran 2 passes at once (`run`'s default); one pass at a time, over batches of 3
+    so that several batches are in flight with 2, gives the same rows in input order."""
+    zs = ZeroShot(open_encoders(load_entry(MODEL)), LABELS)
+    rows: dict[int, list[dict]] = {}
+    for passes in (1, 2):
+        rows[passes] = []
+        classify_items(iter_items([str(folder)]), zs, rows[passes].extend, top_k=None, batch_size=3,
+                       progress=False, passes=passes)
+    assert [r["path"] for r in rows[1]] == [r["path"] for r in rows[2]] == list(reference)
+    for a, b in zip(rows[1], rows[2]):
+        assert_same(a, b, tol=0)
+        assert_same(a, reference[a["path"]])
+
+
+def test_threads_per_pass_shares_the_cores_out(monkeypatch, folder, tmp_path):
+    import limoe.encoders as encoders
+
+    monkeypatch.setattr(encoders, "cpu_cores", lambda: 8)
+    assert [encoders.threads_per_pass(p) for p in (1, 2, 3, 8, 16)] == [0, 4, 2, 1, 1]  # 0: the runtime's default
+    assert encoders.threads_per_pass(2, threads=3) == 3  # asked for: as asked
+    with pytest.raises(ClassifyError, match="--passes"):
+        run([str(folder)], tmp_path / "o.jsonl", LABELS, model=MODEL, passes=0)
 
 
 def test_usage_errors(folder, tmp_path, capsys):

@@ -22,6 +22,19 @@ def test_solid_colour_normalises_to_hand_values():
     np.testing.assert_allclose(x[:, 5, 5], [1.0, -1.0, 1.0], atol=1e-6)
 
 
+def test_the_normalising_table_gives_the_formula_bit_for_bit():
+    """Every byte value in every channel, with CLIP's mean and std: the table lookup equals
+    (x / 255 - mean) / std computed on the image in float32."""
+    cfg = PreprocessConfig(image_size=16, mean=(0.48145466, 0.4578275, 0.40821073),
+                           std=(0.26862954, 0.26130258, 0.27577711))
+    pixels = np.random.default_rng(0).permutation(np.tile(np.arange(256, dtype=np.uint8), 3))[:768]
+    rgb = np.stack([pixels.reshape(16, 16, 3)[..., c] for c in range(3)], axis=-1)  # (16, 16, 3)
+    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    formula = (rgb.astype(np.float32) / 255.0 - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    x = preprocess_image(Image.fromarray(rgb, "RGB"), cfg)
+    assert np.array_equal(x, formula.transpose(2, 0, 1)) and x.flags.c_contiguous
+
+
 def test_resize_keeps_aspect_and_crops_the_centre():
     img = Image.new("RGB", (30, 10), (0, 0, 0))  # wide: black sides, white centre third
     img.paste((255, 255, 255), (10, 0, 20, 10))

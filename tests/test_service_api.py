@@ -208,7 +208,9 @@ def test_timeout_answers_504_and_the_server_recovers():
 
 def test_disconnected_clients_are_dropped_from_the_queue():
     fake = FakeBackend(delay_s=1.5)  # the blocker's forward pass outlasts the impatient client by far
-    with uvicorn_thread(create_app(settings(max_batch_size=1, max_batch_wait_ms=0), backend=fake)) as base:
+    # One pass at a time: the blocker's holds the encoder, so the impatient client's image stays queued.
+    app = create_app(settings(max_batch_size=1, max_batch_wait_ms=0, encoder_passes=1), backend=fake)
+    with uvicorn_thread(app) as base:
         fake.delay_s = 0.0
         classify(base, [png()])  # label embeddings cached
         fake.delay_s = 1.5
