@@ -423,11 +423,21 @@ def test_one_pass_at_a_time_by_default():
 def test_while_every_pass_is_busy_interactive_items_still_go_first():
     # Two passes, both held at the gate (items 0 and 1). Job items 10, 11 queue, then interactive
     # 2: the queue keeps them (nothing is collected for a pass that is not free), so once the gate
-    # opens, 2 runs before the job items although it came last.
+    # opens, 2 is taken by the first pass to be free, before the job items although it came last.
+    # The order is recorded as the worker hands batches to passes (on the event loop), not in the
+    # passes' threads, which may start in either order.
     async def main():
         fn = GatedRecorder()
         fn.gate.clear()
         b = DynamicBatcher("image", fn, 1, 0.0, 64, Metrics(), passes=2)
+        handed: list[list[float]] = []
+        run_pass = b._pass
+
+        async def recording_pass(batch):
+            handed.append([float(item.x[0, 0]) for item in batch])
+            await run_pass(batch)
+
+        b._pass = recording_pass
         b.start()
         first = [b.submit(np.array([float(v)])) for v in (0, 1)]
         while b.depth:  # both passes took their item
@@ -438,8 +448,7 @@ def test_while_every_pass_is_busy_interactive_items_still_go_first():
         fn.gate.set()
         await asyncio.gather(*first, interactive, *low)
         await b.stop()
-        return fn.batches
+        return handed, fn.batches
 
-    batches = asyncio.run(main())
-    assert sorted(batches[:2]) == [[0.0], [1.0]] and batches[2] == [2.0]
-    assert sorted(batches[3:]) == [[10.0], [11.0]]
+    handed, ran = asyncio.run(main())
+    assert handed == [[0.0], [1.0], [2.0], [10.0], [11.0]] and sorted(ran) == handed

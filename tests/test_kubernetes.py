@@ -511,6 +511,7 @@ def test_gpu_overlay_runs_fp32_graphs_on_a_gpu_image(monkeypatch):
     assert settings.device == "cuda" and settings.quantized is False  # int8 matmuls would run on the CPU
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
+    assert settings.threads * settings.encoder_passes == int(container["resources"]["requests"]["cpu"])
 
 
 @pytest.mark.parametrize("where", ["cpu", "cpu-hpa", "model-init", "kserve"])
@@ -520,7 +521,8 @@ def test_cpu_pods_run_int8_on_the_cores_they_request(where, monkeypatch):
     assert container["image"].endswith(":cpu")
     assert settings.quantized is True and settings.device == "cpu"
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
-    assert settings.threads == int(container["resources"]["requests"]["cpu"])
+    # each encoder's passes at once, each on its intra-op threads: the cores the pod requests
+    assert settings.threads * settings.encoder_passes == int(container["resources"]["requests"]["cpu"])
 
 
 def test_model_init_overlay_serves_the_copied_store(monkeypatch):
