@@ -152,12 +152,11 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()  # interactive
         self._low: deque[_Item] = deque()  # low priority
         self._arrived = asyncio.Event()  # set when an item is queued; the worker clears it before waiting
-        self.passes = passes  # forward passes at once
         self._executor = ThreadPoolExecutor(max_workers=passes, thread_name_prefix=f"limoe-{name}")
         self._task: asyncio.Task | None = None
         self._held: _Item | None = None  # collected, but did not fit its batch: it starts the next one
         self._passes: set[asyncio.Task] = set()  # forward passes handed over and not yet answered
-        self._pass_done = asyncio.Event()  # set when one of them ends
+        self._free = asyncio.Semaphore(passes)  # a pass the worker may start
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -242,11 +241,6 @@ class DynamicBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, x)
 
     # -- worker ----------------------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        """Every pass is running."""
-        return len(self._passes) >= self.passes
-
     def _pop(self, rows: int, low_rows: int) -> _Item | None:
         """The next item for a batch holding `rows` examples, `low_rows` of them low priority:
         an interactive one if any waits; else a low-priority one if the batch is empty, or all
@@ -307,11 +301,10 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         while True:
-            while self.busy:  # collect only for a free pass: until then, items wait in the queues
-                self._pass_done.clear()
-                await self._pass_done.wait()
+            await self._free.acquire()  # collect only for a free pass: until then, items wait in the queues
             batch = await self._collect()
             if not batch:
+                self._free.release()
                 continue
             now = time.perf_counter()
             for item in batch:
@@ -322,7 +315,7 @@ class DynamicBatcher:
 
     def _pass_ended(self, task: asyncio.Task) -> None:
         self._passes.discard(task)
-        self._pass_done.set()
+        self._free.release()
 
     async def _pass(self, batch: list[_Item]) -> None:
         """One forward pass and its answers; whatever happens, every item's future ends."""
