@@ -1,7 +1,7 @@
 """Dropless MoE inference against capacity routing and a dense model, as exported ONNX graphs,
 measured side by side in one run on ONNX Runtime (CPU).
 
-    python bench/moe_inference.py [--preset small] [--checkpoint CKPT] [--rounds 5]
+    python bench/moe_inference.py [--preset small] [--checkpoint CKPT] [--rounds 5] [--passes 2] [--threads 0]
 
 Graphs of the same image encoder (a freshly initialised `small` model unless --checkpoint):
 
@@ -11,7 +11,9 @@ Graphs of the same image encoder (a freshly initialised `small` model unless --c
     dense           the dense model of equal active FLOPs (no MoE layers)
 
 each in fp32 and static int8 (calibrated, batch-independent; see limoe.quantize), at batch 1
-and 32. Rounds interleave the graphs (A B C D A B C D ...) so machine noise hits all alike; each
+and 32, run as the server runs them: --passes forward passes at once (LIMOE_ENCODER_PASSES,
+default 2), each on --threads intra-op threads (0: the cores shared out among the passes;
+`--passes 1 --threads 0` is one pass on every core, ONNX Runtime's default). Rounds interleave the graphs (A B C D A B C D ...) so machine noise hits all alike; each
 figure is the median over rounds. Also printed: how much the capacity graph drops, and the
 largest difference between a batch of 5 and each item alone for every graph. The last line is
 the ratio dropless/capacity images/s at batch 32, fp32 (target >= 1.0).
@@ -31,7 +33,7 @@ import torch
 from _onnx_timing import images_per_second
 from limoe.checkpoint import load_checkpoint
 from limoe.config import dense_counterpart, get_config
-from limoe.encoders import batch_independence
+from limoe.encoders import batch_independence, threads_per_pass
 from limoe.export import ImageEncoder, export_onnx
 from limoe.model import LIMoE
 from limoe.onnx_encoder import OnnxGraph
@@ -60,8 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--checkpoint", help="a trained checkpoint (default: a freshly initialised --preset model)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    p.add_argument("--passes", type=int, default=2, help="forward passes at once (the server's default, 2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per pass (0: the cores shared out among the passes, as the server)")
     args = p.parse_args(argv)
+    threads = threads_per_pass(args.passes, args.threads)
 
     torch.manual_seed(0)
     model = load_checkpoint(args.checkpoint)[0] if args.checkpoint else LIMoE(get_config(args.preset)).eval()
@@ -72,14 +77,15 @@ def main(argv: list[str] | None = None) -> None:
     graphs = build_graphs(model, work, calibration)
 
     options = ort.SessionOptions()
-    if args.threads:
-        options.intra_op_num_threads = args.threads
+    if threads:
+        options.intra_op_num_threads = threads
     sessions = {k: ort.InferenceSession(str(v), options, providers=["CPUExecutionProvider"]) for k, v in graphs.items()}
     probe = rng.standard_normal((32, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
     dropped = sessions["capacity fp32"].run(None, {"images": probe})[2]
     print(f"preset {args.preset if not args.checkpoint else args.checkpoint}: {cfg.num_experts} experts, "
           f"top-{cfg.top_k}, MoE blocks {list(cfg.moe_layer_ids)}, {cfg.num_patches} patches; ONNX Runtime "
-          f"{ort.__version__}, {args.threads or 'default'} threads, median of {args.rounds} interleaved rounds")
+          f"{ort.__version__}, {args.passes} pass(es) at once of {threads or 'default'} thread(s) each, median of "
+          f"{args.rounds} interleaved rounds")
     print(f"capacity 1.0 drops {dropped.mean():.1%} of token choices on these inputs; dropless drops none")
     print("batch of 5 vs each alone, max |diff| over all outputs: " +
           ", ".join(f"{k} {batch_independence(OnnxGraph(graphs[k]), probe):.1e}" for k in graphs))
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[str, list[float]] = {k: [] for k in sessions}
         for _ in range(args.rounds):
             for k, s in sessions.items():
-                samples[k].append(images_per_second(s, x, iters))
+                samples[k].append(images_per_second(s, x, iters, args.passes))
         for k, v in samples.items():
             rates[(k, batch)] = statistics.median(v)
 
