@@ -4,7 +4,10 @@ results and the data sources' licences. Torch-free."""
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
+
+from limoe.templates import DEFAULT_TEMPLATES
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -78,10 +81,15 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
     train = (f"limoe train --preset {preset or 'PRESET'}{flag} --data {training.get('data', 'MIX')} --out run "
              f"--steps {t.get('steps')} --batch-size {t.get('batch_size')} --lr {t.get('lr')} "
              f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}")
+    templates = manifest.get("templates") or list(DEFAULT_TEMPLATES)
+    flags = "" if tuple(templates) == tuple(DEFAULT_TEMPLATES) else "".join(f" --template {shlex.quote(t)}"
+                                                                             for t in templates)
     lines = ["", "Reproduce (same data, seed and batches; floating-point results vary slightly across machines):", "",
              "```bash", "limoe data prepare", train,
+             f"limoe eval run/model.safetensors{flags}  # dropless and capacity 1.0 side by side, kept for the card",
              f"limoe export run/model.safetensors --name {manifest['name']} --formats {','.join(formats)}"
-             + (f" --calibration-data {training['data']}" if "int8" in formats and training.get("data") else ""),
+             + (f" --calibration-data {training['data']}" if "int8" in formats and training.get("data") else "")
+             + flags,
              f"limoe eval model_store/{manifest['name']}/{manifest['version']}", "```"]
     if preset is None:
         lines.insert(1, "The config is no preset: pass the fields that differ (see `config` in the manifest) "

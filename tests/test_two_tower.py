@@ -167,6 +167,18 @@ def test_the_model_card_reproduces_a_trained_baseline():
         card = render_model_card({"name": "m", "version": "1", "config": cfg.to_dict(), "moe": moe, "roles": {}},
                                  training)
         assert f"limoe train {flag} scenes" in card
+    # an entry exported with its own prompt templates: the card's commands pass them on
+    cfg = get_config("small")
+    moe = {"layers": list(cfg.moe_layer_ids), "num_experts": 8, "top_k": 1, "inference_routing": "dropless",
+           "batch_priority": True}
+    card = render_model_card({"name": "m", "version": "1", "config": cfg.to_dict(), "moe": moe, "roles": {},
+                              "templates": ["{}", "a {} icon"]}, training)
+    flags = "--template '{}' --template 'a {} icon'"
+    assert f"limoe eval run/model.safetensors {flags}" in card
+    assert re.search(rf"^limoe export run/model\.safetensors .*{re.escape(flags)}$", card, re.M), card
+    default = render_model_card({"name": "m", "version": "1", "config": cfg.to_dict(), "moe": moe, "roles": {}},
+                                training)
+    assert "--template" not in default  # the default templates need no flag
 
 
 def _png(color) -> bytes:
