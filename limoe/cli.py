@@ -107,6 +107,20 @@ def _cmd_freeze_int8(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from limoe.model_store import ModelStoreError
+    from limoe.recover import recover_checkpoint
+
+    try:
+        path, agreement = recover_checkpoint(args.entry, args.output, args.inference_routing)
+    except (ModelStoreError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}: the weights of {args.entry}'s graphs; against them, embedding cosine mean "
+          f"{agreement['image_cosine_mean']:.5f} (image), {agreement['text_cosine_mean']:.5f} (text)")
+    return 0
+
+
 DEFAULT_MIX = "emoji:2,icons:1,mnist:0.5,scenes:1"  # the shipped default's mix (docs/RESULTS.md)
 
 
@@ -130,7 +144,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from limoe.tokenizer import Tokenizer
     from limoe.train import TrainConfig, train, training_texts
 
-    cfg = get_config(args.preset, **parse_overrides(args.set))
+    if args.init:  # fine-tuning: the checkpoint's architecture and vocabulary, --set changes its config
+        from limoe.checkpoint import read_metadata, read_tokenizer
+
+        if args.dense or args.arch != "one_tower":
+            print("error: --init takes the checkpoint's architecture; drop --dense and --arch", file=sys.stderr)
+            return 2
+        cfg = read_metadata(args.init)[0].replace(**parse_overrides(args.set))
+        if read_tokenizer(args.init) is None:
+            print(f"error: {args.init} holds no tokenizer", file=sys.stderr)
+            return 2
+    else:
+        cfg = get_config(args.preset, **parse_overrides(args.set))
     if args.dense:
         cfg = dense_counterpart(cfg)
     if args.arch == "two_tower":
@@ -145,6 +170,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     tok_path = out / "tokenizer.json"
     if tok_path.exists():  # resuming: keep the vocabulary the weights were trained with
         tokenizer = Tokenizer.load(tok_path)
+    elif args.init:
+        tokenizer = read_tokenizer(args.init)
+        if os.environ.get("RANK", "0") == "0":
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(tok_path.with_suffix(".tmp"))
+            tok_path.with_suffix(".tmp").replace(tok_path)
     else:
         # Deterministic, so every DDP rank trains the same one; rank 0 writes it (atomically).
         tokenizer = Tokenizer.train(training_texts(data.items, tc.template_prob), cfg.vocab_size, cfg.context_length)
@@ -156,7 +187,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"training {args.preset}{kind} on {len(data)} examples "
           f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
     meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
-    train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta)
+    if args.init:
+        from limoe.checkpoint import read_metadata
+
+        meta["init"] = {"checkpoint": str(args.init), **read_metadata(args.init)[1]}
+    train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta, init=args.init)
     import torch.distributed as dist
 
     if dist.is_initialized():  # under torchrun: every rank leaves together
@@ -302,8 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("--cache", help="data cache (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
     freeze.set_defaults(func=_cmd_freeze_int8)
 
+    recover = sub.add_parser("recover", help="a store entry's graphs -> a checkpoint (int8 weights dequantised), "
+                                             "for entries whose checkpoint is gone")
+    recover.add_argument("entry", help="a model store entry directory, e.g. model_store/limoe-small/1")
+    recover.add_argument("output", help="checkpoint path (.safetensors)")
+    recover.add_argument("--inference-routing", choices=["dropless", "capacity"],
+                         help="the checkpoint's inference routing (default: the entry's)")
+    recover.set_defaults(func=_cmd_recover)
+
     train = sub.add_parser("train", help="contrastive training (single process, or under torchrun for DDP)")
     train.add_argument("--preset", default="small")
+    train.add_argument("--init", metavar="CHECKPOINT",
+                       help="fine-tune: start from this checkpoint's weights, config and tokenizer (fresh "
+                            "optimizer; --set changes its config, --preset is ignored)")
     train.add_argument("--data", default=DEFAULT_MIX, help=f"mix of prepared sources (default {DEFAULT_MIX})")
     train.add_argument("--cache", help="data cache (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
     train.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, tokenizer.json")

@@ -91,6 +91,15 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
              + (f" --calibration-data {training['data']}" if "int8" in formats and training.get("data") else "")
              + flags,
              f"limoe eval model_store/{manifest['name']}/{manifest['version']}", "```"]
+    recovered = (manifest.get("source_checkpoint") or {}).get("recovered_from")
+    if recovered:  # the shipped weights are an earlier entry's graphs', not the run's checkpoint
+        lines += ["", f"The training run's fp32 checkpoint was not kept: this entry's weights are "
+                      f"those of `{recovered['entry']}`'s {recovered['graphs']} graphs as exported on "
+                      f"{str(recovered.get('created'))[:10]}, rebuilt with `limoe recover` "
+                      f"(against those graphs: embedding cosine mean {recovered['agreement']['image_cosine_mean']:.5f} "
+                      f"image, {recovered['agreement']['text_cosine_mean']:.5f} text) and exported as above. The "
+                      "commands above retrain the model; its weights then differ from these by the int8 rounding "
+                      "and the run's floating-point noise."]
     if preset is None:
         lines.insert(1, "The config is no preset: pass the fields that differ (see `config` in the manifest) "
                         "with `--set FIELD=VALUE`.")

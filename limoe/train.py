@@ -207,12 +207,14 @@ def _save(out: Path, model: LIMoE, tokenizer: Tokenizer, opt, step: int, train_c
 
 def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: Tokenizer, out: str | Path,
           resume: bool = True, progress: bool = True, stop_at: int | None = None,
-          meta: dict | None = None) -> LIMoE:
+          meta: dict | None = None, init: str | Path | None = None) -> LIMoE:
     """Train (or resume training in `out`) and return the model. Works under torchrun.
 
     `stop_at` ends this invocation after that step (with a checkpoint), as a preempted job
     would; running again with the same arguments continues exactly where it stopped. `meta`
-    (e.g. the data mix) is stored in every checkpoint, for the model card."""
+    (e.g. the data mix) is stored in every checkpoint, for the model card. `init` starts from a
+    checkpoint's weights (fine-tuning; `model_cfg` may change its training fields) with a fresh
+    optimizer; a resumed run ignores it."""
     rank, world, device = setup_distributed()
     out = Path(out)
     if rank == 0:
@@ -220,6 +222,9 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
     start = 0
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg)
+    if init is not None and not (resume and (out / "train_state.pt").exists()):
+        start_from, _ = load_checkpoint(init)
+        model.load_state_dict(start_from.state_dict(), strict=True)
     if resume and (out / "train_state.pt").exists():
         model, _ = load_checkpoint(out / "model.safetensors")
         model_cfg = model.cfg

@@ -130,12 +130,20 @@ def test_the_manifest_is_parsed_into_types_once(exported, store):
 
 
 def test_the_shipped_manifests_read_as_they_are_on_disk():
-    """limoe-small/1 was exported before dropless inference: no moe.inference_routing, which
-    means capacity routing."""
+    for name in ("limoe-small", "limoe-tiny"):
+        m = read_manifest(SHIPPED / name / "1")
+        assert m.moe.inference_routing == "dropless" and m.moe.onnx_op == "standard"
     small = read_manifest(SHIPPED / "limoe-small" / "1")
-    assert small.moe.inference_routing == "capacity" and small.moe.onnx_op == "standard"
     assert small.moe.layers == (1, 3, 5) and small.preprocess.image_size == 64
-    assert read_manifest(SHIPPED / "limoe-tiny" / "1").moe.inference_routing == "dropless"
+
+
+def test_a_manifest_from_before_dropless_inference_means_capacity_routing(store):
+    """Entries exported before dropless inference existed say nothing of it: they drop."""
+    path = _entry(store) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["moe"]["inference_routing"], manifest["moe"]["onnx_op"]
+    path.write_text(json.dumps(manifest))
+    assert read_manifest(_entry(store)).moe.inference_routing == "capacity"
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -201,3 +201,33 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     again = read_manifest(entry).data["evaluation"]["zero_shot"]  # the ONNX export on the same images
     for name, r in results["zero_shot"].items():  # equal up to near-ties flipped by 1e-7 differences
         assert again[name]["top1"] == pytest.approx(r["top1"], abs=0.05)
+
+
+def test_fine_tuning_starts_from_the_checkpoint_with_its_vocabulary(tmp_path, capsys):
+    """`limoe train --init CKPT`: the checkpoint's weights, config and tokenizer, with `--set`
+    changing its training fields. At learning rate 0 the weights stay exactly the checkpoint's."""
+    from limoe.checkpoint import read_metadata, save_checkpoint
+    from limoe.cli import main
+    from limoe.data.scenes import prepare_scenes
+
+    prepare_scenes(tmp_path / "cache", count=100)
+    cfg = get_config("tiny", depth=3, moe_layers="1")
+    torch.manual_seed(3)
+    start = LIMoE(cfg)
+    tok = tokenizer(cfg)
+    ckpt = save_checkpoint(start, tmp_path / "start.safetensors", extra={"step": 9}, tokenizer=tok)
+    common = ["train", "--init", str(ckpt), "--data", "scenes", "--cache", str(tmp_path / "cache"), "--steps", "2",
+              "--batch-size", "8", "--workers", "0", "--warmup", "1", "--set", "train_capacity_factor=2.0"]
+    assert main([*common, "--out", str(tmp_path / "still"), "--lr", "0"]) == 0
+    tuned, extra = load_checkpoint(tmp_path / "still" / "model.safetensors")
+    for (name, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert tuned.cfg == cfg.replace(train_capacity_factor=2.0)  # depth 3 and one MoE layer: not the preset's
+    assert read_tokenizer(tmp_path / "still" / "model.safetensors").to_str() == tok.to_str()
+    assert extra["init"]["checkpoint"] == str(ckpt) and extra["init"]["step"] == 9
+    assert main([*common, "--out", str(tmp_path / "moved"), "--lr", "0.01"]) == 0
+    moved, _ = load_checkpoint(tmp_path / "moved" / "model.safetensors")
+    assert float((moved.state_dict()["blocks.0.attn.q.weight"] - start.state_dict()["blocks.0.attn.q.weight"]).abs().max()) > 0
+    assert read_metadata(tmp_path / "moved" / "model.safetensors")[0].depth == 3
+    assert main([*common, "--out", str(tmp_path / "x"), "--dense"]) == 2
+    assert "--init takes the checkpoint's architecture" in capsys.readouterr().err
