@@ -144,9 +144,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from limoe.tokenizer import Tokenizer
     from limoe.train import TrainConfig, train, training_texts
 
-    if args.init:  # fine-tuning: the checkpoint's architecture and vocabulary, --set changes its config
-        from limoe.checkpoint import read_metadata, read_tokenizer
+    from limoe.checkpoint import read_metadata, read_tokenizer
 
+    if args.init:  # fine-tuning: the checkpoint's architecture and vocabulary, --set changes its config
         if args.dense or args.arch != "one_tower":
             print("error: --init takes the checkpoint's architecture; drop --dense and --arch", file=sys.stderr)
             return 2
@@ -184,13 +184,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             tokenizer.save(tok_path.with_suffix(".tmp"))
             tok_path.with_suffix(".tmp").replace(tok_path)
     kind = " (two-tower)" if args.arch == "two_tower" else " (dense)" if args.dense else ""
-    print(f"training {args.preset}{kind} on {len(data)} examples "
+    print(f"training {args.init or args.preset}{kind} on {len(data)} examples "
           f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
     meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
-    if args.init:
-        from limoe.checkpoint import read_metadata
-
-        meta["init"] = {"checkpoint": str(args.init), **read_metadata(args.init)[1]}
+    if args.init:  # where the weights started, for the model card
+        start = read_metadata(args.init)[1]
+        meta["init"] = {"checkpoint": str(args.init),
+                        **{k: start[k] for k in ("step", "data", "recovered_from") if k in start}}
     train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta, init=args.init)
     import torch.distributed as dist
 

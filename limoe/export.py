@@ -465,7 +465,7 @@ def export_entry(
             "roles": roles,
         }
         if "train" in extra:
-            manifest["training"] = {k: extra[k] for k in ("step", "train", "data", "sources") if k in extra}
+            manifest["training"] = {k: extra[k] for k in ("step", "train", "data", "sources", "init") if k in extra}
         manifest["stats"] = dataclasses.asdict(model_stats(cfg))
         roles["model_card"] = "MODEL_CARD.md"
         (tmp / roles["model_card"]).write_text(

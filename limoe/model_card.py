@@ -78,7 +78,9 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
     roles = manifest.get("roles", {})
     formats = [f for f, role in (("onnx", "image_onnx"), ("torchscript", "torchscript"), ("int8", "image_onnx_int8"))
                if role in roles]
-    train = (f"limoe train --preset {preset or 'PRESET'}{flag} --data {training.get('data', 'MIX')} --out run "
+    init = training.get("init")  # a fine-tuning run: the config and vocabulary came with the checkpoint
+    start = f"--init {shlex.quote(init['checkpoint'])}" if init else f"--preset {preset or 'PRESET'}{flag}"
+    train = (f"limoe train {start} --data {training.get('data', 'MIX')} --out run "
              f"--steps {t.get('steps')} --batch-size {t.get('batch_size')} --lr {t.get('lr')} "
              f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}")
     templates = manifest.get("templates") or list(DEFAULT_TEMPLATES)
@@ -100,7 +102,11 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
                       f"image, {recovered['agreement']['text_cosine_mean']:.5f} text) and exported as above. The "
                       "commands above retrain the model; its weights then differ from these by the int8 rounding "
                       "and the run's floating-point noise."]
-    if preset is None:
+    if init:
+        lines.insert(1, f"Fine-tuned from `{init['checkpoint']}` (trained {init.get('step', '?')} steps"
+                        + (f" on `{init['data']}`" if init.get("data") else "") + "): pass the config fields "
+                        "that changed with `--set FIELD=VALUE` (see `config` in the manifest).")
+    elif preset is None:
         lines.insert(1, "The config is no preset: pass the fields that differ (see `config` in the manifest) "
                         "with `--set FIELD=VALUE`.")
     return lines

@@ -229,5 +229,10 @@ def test_fine_tuning_starts_from_the_checkpoint_with_its_vocabulary(tmp_path, ca
     moved, _ = load_checkpoint(tmp_path / "moved" / "model.safetensors")
     assert float((moved.state_dict()["blocks.0.attn.q.weight"] - start.state_dict()["blocks.0.attn.q.weight"]).abs().max()) > 0
     assert read_metadata(tmp_path / "moved" / "model.safetensors")[0].depth == 3
+    assert main(["export", str(tmp_path / "moved" / "model.safetensors"), "--name", "tuned", "--store",
+                 str(tmp_path / "store"), "--formats", "onnx"]) == 0
+    card = (tmp_path / "store" / "tuned" / "1" / "MODEL_CARD.md").read_text()
+    assert f"limoe train --init {ckpt} --data scenes --out run --steps 2" in card
+    assert f"Fine-tuned from `{ckpt}` (trained 9 steps)" in card
     assert main([*common, "--out", str(tmp_path / "x"), "--dense"]) == 2
     assert "--init takes the checkpoint's architecture" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """The web page at GET /, in a real browser: Playwright for Python drives Debian's chromium (the
 package, via executable_path) against real `limoe serve` processes, one browser for the module.
 
-Two servers start side by side: the default limoe-small (3 MoE layers, capacity routing that
-drops tokens) with a small image limit, and limoe-tiny with API keys on. Every page visit records
+Two servers start side by side: the default limoe-small (3 MoE layers, dropless) with a small
+image limit, and limoe-tiny with API keys on; a third serves a tiny entry with capacity routing,
+which drops tokens. Every page visit records
 the requests the page makes and checks that each went to its own server; axe-core (vendored in
 tests/vendor/) checks accessibility in the browser. Screenshots (desktop and phone) are written
 to build/test-artifacts/.
@@ -167,9 +168,9 @@ def test_upload_shows_sorted_scores_and_one_routing_layer_per_moe_layer(servers,
     assert model["backend"] in info and model["device"] in info
     assert page.is_hidden("#auth")  # no keys on this server: no key field
 
-    image = (SAMPLES / "airplane.png").read_bytes()
-    labels = ["fish", "airplane", "sun", "house"]
-    v.classify(str(SAMPLES / "airplane.png"), ", ".join(labels))
+    image = (SAMPLES / "rocket.png").read_bytes()
+    labels = ["fire", "rocket", "sun", "house"]
+    v.classify(str(SAMPLES / "rocket.png"), ", ".join(labels))
     page.wait_for_selector("#results .result-row")
 
     expected = api_classify(base, image, labels)
@@ -191,12 +192,39 @@ def test_upload_shows_sorted_scores_and_one_routing_layer_per_moe_layer(servers,
         assert counts == [str(n) for n in layer["tokens_per_expert"]] + ([str(layer["dropped"])] if layer["dropped"]
                                                                          else [])
         assert section.locator(".prompt-row .prompt-label").all_inner_texts() == labels
-    assert any(layer["dropped"] for layer in routing["layers"])  # limoe-small drops tokens: the legend says so
-    assert page.locator("#legend li").all_inner_texts()[-1] == "Dropped"
-    assert page.locator("#legend li").count() == routing["num_experts"] + 1
+    # limoe-small is served dropless: no patch to cross out, so no "Dropped" in the legend
+    assert "dropless" in info and not any(layer["dropped"] for layer in routing["layers"])
+    assert page.locator("#legend li").all_inner_texts() == [f"Expert {e}" for e in range(routing["num_experts"])]
 
     assert v.axe() == []
     v.screenshot("web-desktop.png")
+
+
+def test_dropped_patches_are_crossed_out_and_counted(exported_capacity, visit):
+    """An entry with capacity routing (a tiny one at factor 0.5, made for the tests) drops
+    tokens: the page says how it routes, counts the dropped patches per layer and adds "Dropped"
+    to the legend, as the API reports them."""
+    _, _, entry, _ = exported_capacity
+    with Server("web capacity", model=str(entry), spinning="false", threads=1) as server:
+        server.wait_ready()
+        v = visit(server.base)
+        page = v.page
+        page.wait_for_selector("#model-info dd:has-text('capacity factor 0.5 (full experts drop tokens)')")
+        labels = ["fire", "rocket", "sun"]
+        v.classify(str(SAMPLES / "rocket.png"), ", ".join(labels))
+        page.wait_for_selector("#results .result-row")
+        routing = api_classify(server.base, (SAMPLES / "rocket.png").read_bytes(), labels)["results"][0]["routing"]
+        assert any(layer["dropped"] for layer in routing["layers"])
+        layers = page.locator("#routing .routing-layer")
+        assert layers.count() == len(routing["layers"])
+        for m, layer in enumerate(routing["layers"]):
+            counts = layers.nth(m).locator(".hist-col .hist-count").all_inner_texts()
+            assert counts == [str(n) for n in layer["tokens_per_expert"]] + ([str(layer["dropped"])] if layer["dropped"]
+                                                                             else [])
+            assert f"patches; {layer['dropped']} dropped" in layers.nth(m).inner_text()
+        assert page.locator("#legend li").all_inner_texts()[-1] == "Dropped"
+        assert page.locator("#legend li").count() == routing["num_experts"] + 1
+        assert v.axe() == []
 
 
 def test_sample_gallery_on_a_phone(servers, visit):
@@ -234,7 +262,7 @@ def test_dropped_and_pasted_images_are_classified_together(servers, visit):
     page = v.page
     page.wait_for_selector("#label-chips li")
     page.evaluate("""async () => {
-        const blob = await (await fetch("/web/samples/fish.png")).blob();
+        const blob = await (await fetch("/web/samples/pizza.png")).blob();
         const files = (name) => {
             const transfer = new DataTransfer();
             transfer.items.add(new File([blob], name, {type: "image/png"}));
