@@ -123,6 +123,17 @@ def rows(page) -> list[tuple[str, float]]:
     return [(label, 0.0 if pct == "<0.01%" else float(pct.rstrip("%"))) for label, pct in shown]
 
 
+def histogram_counts(section) -> list[str]:
+    """The numbers over a routing layer's histogram columns, as shown."""
+    return section.locator(".hist-col .hist-count").all_inner_texts()
+
+
+def expected_counts(layer: dict) -> list[str]:
+    """What that histogram shows for an API routing layer: tokens per expert, then the dropped
+    ones as a last column when there are any."""
+    return [str(n) for n in layer["tokens_per_expert"]] + ([str(layer["dropped"])] if layer["dropped"] else [])
+
+
 def api_classify(base: str, image: bytes, labels: list[str], key: str | None = None, **extra) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     r = httpx.post(f"{base}/v1/classify", json={"images": [base64.b64encode(image).decode()], "labels": labels,
@@ -188,9 +199,7 @@ def test_upload_shows_sorted_scores_and_one_routing_layer_per_moe_layer(servers,
     for m, layer in enumerate(routing["layers"]):
         section = layers.nth(m)
         assert section.locator("canvas.patch-map").count() == 1
-        counts = section.locator(".hist-col .hist-count").all_inner_texts()
-        assert counts == [str(n) for n in layer["tokens_per_expert"]] + ([str(layer["dropped"])] if layer["dropped"]
-                                                                         else [])
+        assert histogram_counts(section) == expected_counts(layer)
         assert section.locator(".prompt-row .prompt-label").all_inner_texts() == labels
     # limoe-small is served dropless: no patch to cross out, so no "Dropped" in the legend
     assert "dropless" in info and not any(layer["dropped"] for layer in routing["layers"])
@@ -218,9 +227,7 @@ def test_dropped_patches_are_crossed_out_and_counted(exported_capacity, visit):
         layers = page.locator("#routing .routing-layer")
         assert layers.count() == len(routing["layers"])
         for m, layer in enumerate(routing["layers"]):
-            counts = layers.nth(m).locator(".hist-col .hist-count").all_inner_texts()
-            assert counts == [str(n) for n in layer["tokens_per_expert"]] + ([str(layer["dropped"])] if layer["dropped"]
-                                                                             else [])
+            assert histogram_counts(layers.nth(m)) == expected_counts(layer)
             assert f"patches; {layer['dropped']} dropped" in layers.nth(m).inner_text()
         assert page.locator("#legend li").all_inner_texts()[-1] == "Dropped"
         assert page.locator("#legend li").count() == routing["num_experts"] + 1
