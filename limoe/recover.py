@@ -9,7 +9,9 @@ the recovered model is what the entry serves, with fp32 activations.
 Weights keep their PyTorch names in the graphs when the exporter kept them ("model.<name>",
 "model.<name>_Transposed"); the others (torch.onnx gives linear weights names like "val_87")
 are found by the bias their MatMul's output is added to, and the routers (no bias) by the
-order of the MoE layers. `recover_checkpoint` then checks the rebuilt model against the graphs
+order of the MoE layers. A dropless export cuts every expert out of its layer's stacked
+(E, ...) weights: those pieces go back to the layer whose router precedes them, in graph order,
+each w1 with the w2 its output flows into. `recover_checkpoint` then checks the rebuilt model against the graphs
 on the export's example inputs, so a wrong match cannot pass silently.
 """
 
@@ -71,27 +73,28 @@ def _matmuls(users, weight: str) -> list:
     return [n for n in direct + through if n.op_type in MATMULS]
 
 
-def _bias_of(users, weight: str, hops: int = 6) -> str | None:
-    """The "model.<module>.bias" added to the output of the MatMul that reads `weight`, if any."""
+def _added(users, weight: str, accept, hops: int = 6) -> str | None:
+    """The first initializer that `accept`s, among the inputs of the Add that the output of the
+    MatMul reading `weight` flows into (through casts, scales and reshapes)."""
     frontier = _matmuls(users, weight)
     for _ in range(hops):
         following = []
         for node in frontier:
             for out in node.output:
                 for user in users[out]:
-                    bias = [i for i in user.input if i.startswith("model.") and i.endswith(".bias")]
-                    if user.op_type == "Add" and bias:
-                        return bias[0][len("model."):-len(".bias")]
+                    found = [i for i in user.input if accept(i)]
+                    if user.op_type == "Add" and found:
+                        return found[0]
                     if user.op_type in ("Cast", "Mul", "Reshape", "DequantizeLinear", "QuantizeLinear"):
                         following.append(user)
         frontier = following
     return None
 
 
-def _position(graph, users, weight: str) -> int:
-    """Where in the (topologically ordered) graph `weight` is first multiplied by."""
-    order = {id(n): i for i, n in enumerate(graph.node)}
-    return min(order[id(n)] for n in _matmuls(users, weight))
+def _bias_of(users, weight: str) -> str | None:
+    """The module whose "model.<module>.bias" is added to the output of `weight`'s MatMul, if any."""
+    bias = _added(users, weight, lambda i: i.startswith("model.") and i.endswith(".bias"))
+    return None if bias is None else bias[len("model."):-len(".bias")]
 
 
 def graph_state(path: str | Path, model: LIMoE) -> dict[str, torch.Tensor]:
@@ -108,6 +111,7 @@ def graph_state(path: str | Path, model: LIMoE) -> dict[str, torch.Tensor]:
                          "were merged at export, so their PyTorch names cannot be told apart")
     state: dict[str, np.ndarray] = {}
     routers: list[tuple[str, np.ndarray]] = []
+    experts: list[tuple[str, np.ndarray, np.ndarray]] = []  # (what the nodes read, weight, bias)
     for name, value in values.items():
         if name.endswith("_quantized"):
             continue
@@ -126,14 +130,62 @@ def graph_state(path: str | Path, model: LIMoE) -> dict[str, torch.Tensor]:
                 state[module + ".weight"] = value.T
             elif value.shape[1] == model.cfg.num_experts:  # a router (no bias)
                 routers.append((read, value))
+            elif _matmuls(users, read):  # one expert's w1 or w2, cut out of (E, ...) by a dropless export
+                bias = _added(users, read, lambda i: i in values and values[i].ndim == 2 and values[i].shape[0] == 1)
+                if bias is not None:
+                    experts.append((read, value, values[bias]))
         elif value.ndim == 3 and value.shape[0] == 1:  # the position table, renamed by the exporter
             key = "image_pos" if graph.input[0].name == "images" else "text_pos"
             if tuple(params[key].shape) == value.shape:
                 state.setdefault(key, value)
-    routers.sort(key=lambda r: _position(graph, users, r[0]))  # in the order of the MoE layers
+    order = {id(n): i for i, n in enumerate(graph.node)}  # the graph's nodes are topologically sorted
+
+    def position(read: str) -> int:
+        return min(order[id(n)] for n in _matmuls(users, read))
+
+    routers.sort(key=lambda r: position(r[0]))  # in MoE layer order
     moe = [f"blocks.{i}.mlp.router.weight" for i in range(model.cfg.depth) if f"blocks.{i}.mlp.router.weight" in params]
-    if len(routers) == len(moe):
-        state.update({key: value.T for key, (_, value) in zip(moe, routers)})
+    if len(routers) != len(moe):
+        return _tensors(state)
+    state.update({key: value.T for key, (_, value) in zip(moe, routers)})
+    starts = [position(read) for read, _ in routers]
+    for key, found in zip(moe, _experts_by_layer(users, experts, starts, position, model.cfg)):
+        if len(found) == model.cfg.num_experts:
+            prefix = key[: -len("router.weight")] + "experts."
+            for part, items in (("1", [w1 for w1, _ in found]), ("2", [w2 for _, w2 in found])):
+                state[prefix + "w" + part] = np.stack([w for _, w, _ in items])  # (E, in, out)
+                state[prefix + "b" + part] = np.stack([b for _, _, b in items])  # (E, 1, out)
+    return _tensors(state)
+
+
+def _experts_by_layer(users, experts: list, starts: list[int], position, cfg) -> list[list]:
+    """A dropless export's expert pieces, as (w1, w2) pairs per MoE layer in expert order.
+
+    A layer's experts come after its router (`starts`: the routers' places in the graph),
+    unrolled in expert order. An expert's w2 is the nearest (H, D) expert MatMul that its (D, H)
+    w1's output reaches, through the bias, the GELU and any QDQ nodes."""
+    D, H = cfg.width, cfg.mlp_dim
+    second = {id(n): item for item in experts if item[1].shape == (H, D) for n in _matmuls(users, item[0])}
+    layers: list[list] = [[] for _ in starts]
+    for w1 in sorted((item for item in experts if item[1].shape == (D, H)), key=lambda item: position(item[0])):
+        w2 = [second[id(n)] for n in _reached(users, _matmuls(users, w1[0])) if id(n) in second]
+        after = [m for m, start in enumerate(starts) if start < position(w1[0])]
+        if w2 and w2[0] is not w1 and after:
+            layers[after[-1]].append((w1, w2[0]))
+    return layers
+
+
+def _reached(users, nodes: list, hops: int = 12) -> list:
+    """The nodes within `hops` steps downstream of `nodes`, nearest first, each once."""
+    seen: dict[int, object] = {}
+    frontier = list(nodes)
+    for _ in range(hops):
+        frontier = [user for node in frontier for out in node.output for user in users[out] if id(user) not in seen]
+        seen.update((id(n), n) for n in frontier)
+    return list(seen.values())
+
+
+def _tensors(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
 
 

@@ -26,8 +26,9 @@ TRAINING = {"step": 7, "train": {"steps": 7, "batch_size": 8, "lr": 0.001, "warm
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model whose every tensor differs from its initial value, as after training (an
-    untrained model's ones and zeros are merged into one tensor by the exporter), exported as the
-    old default was (capacity routing) with fp32 and static int8 graphs."""
+    untrained model's ones and zeros are merged into one tensor by the exporter), exported with
+    capacity routing, as the old default was (versions 1: fp32 and int8, 2: int8 only), and
+    dropless, which cuts every expert out of its layer's stacked weights (3 and 4, the same)."""
     root = tmp_path_factory.mktemp("recover")
     cfg = get_config("tiny", depth=3, moe_layers="1,2", inference_routing="capacity")
     torch.manual_seed(0)
@@ -40,6 +41,8 @@ def trained(tmp_path_factory):
     ckpt = save_checkpoint(model, root / "model.safetensors", extra=TRAINING, tokenizer=tok)
     export_entry(ckpt, root / "store", "t", "1", formats=["onnx", "int8"])
     export_entry(ckpt, root / "store", "t", "2", formats=["int8"])
+    export_entry(ckpt, root / "store", "t", "3", formats=["onnx", "int8"], inference_routing="dropless")
+    export_entry(ckpt, root / "store", "t", "4", formats=["int8"], inference_routing="dropless")
     return model, root / "store" / "t"
 
 
@@ -47,22 +50,24 @@ def _max_diff(a: LIMoE, b: LIMoE) -> dict[str, float]:
     return {k: float((v - b.state_dict()[k]).abs().max()) for k, v in a.state_dict().items()}
 
 
-def test_fp32_graphs_give_back_every_weight_exactly(trained):
+@pytest.mark.parametrize("version, routing", [("1", "capacity"), ("3", "dropless")])
+def test_fp32_graphs_give_back_every_weight_exactly(trained, version, routing):
     model, entries = trained
-    rebuilt, tokenizer, manifest = recover_model(entries / "1")
+    rebuilt, tokenizer, manifest = recover_model(entries / version)
     worst = _max_diff(model, rebuilt)
     assert set(worst) == set(model.state_dict())
     assert max(v for k, v in worst.items() if k != "logit_scale") == 0.0, worst
     assert worst["logit_scale"] < 1e-6  # stored as exp(scale) in the manifest
-    assert rebuilt.cfg == model.cfg and rebuilt.cfg.inference_routing == "capacity"
-    assert tokenizer.to_str() == Tokenizer.load(entries / "1" / "tokenizer.json").to_str()
+    assert rebuilt.cfg == model.cfg.replace(inference_routing=routing)
+    assert tokenizer.to_str() == Tokenizer.load(entries / version / "tokenizer.json").to_str()
 
 
-def test_int8_graphs_give_back_the_weights_to_within_their_rounding(trained):
+@pytest.mark.parametrize("version", ["2", "4"])
+def test_int8_graphs_give_back_the_weights_to_within_their_rounding(trained, version):
     """An int8-only entry: per output channel, a weight moves by at most half its channel's scale,
     itself at most the tensor's largest magnitude / 127."""
     model, entries = trained
-    rebuilt, _, _ = recover_model(entries / "2")
+    rebuilt, _, _ = recover_model(entries / version)
     ref = model.state_dict()
     quantised = 0
     for key, value in rebuilt.state_dict().items():
@@ -129,6 +134,18 @@ def test_recover_command_writes_a_checkpoint_that_exports_with_its_provenance(tr
     assert "those of `t/2`'s int8 (dequantised) graphs as exported on 20" in card and "`limoe recover`" in card
     images, _ = random_batch(model.cfg, 3)
     assert not OnnxEncoders.from_entry(entry).encode_images(images.numpy()).dropped.any()
+
+
+def test_the_shipped_default_is_recovered_from_its_own_graphs(tmp_path, capsys):
+    """limoe-small/1: dropless, static int8. Its weights come back to within their int8 rounding,
+    so the rebuilt model answers as the shipped graphs do."""
+    out = tmp_path / "default.safetensors"
+    assert main(["recover", str(SHIPPED / "limoe-small" / "1"), str(out)]) == 0
+    capsys.readouterr()
+    _, extra = read_metadata(out)
+    assert extra["recovered_from"]["entry"] == "limoe-small/1" and extra["data"] == "emoji:2,icons:1,mnist:0.5,scenes:1"
+    assert min(extra["recovered_from"]["agreement"][k] for k in ("image_cosine_mean", "text_cosine_mean")) > 0.99
+    assert load_checkpoint(out)[0].cfg.inference_routing == "dropless"
 
 
 def test_recover_refuses_what_it_cannot_tell_apart(tmp_path, capsys):
