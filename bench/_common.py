@@ -13,10 +13,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 from _server import ROOT, unwind_on_sigterm
 
 MODEL = "limoe-small"
@@ -65,7 +63,7 @@ def bench_parser(doc: str, max_requests: int = 5000, load: bool = True):
 def ensure_store(store: str | None, model: str, cache: str | Path, fresh: bool = False) -> Path:
     """The store root to serve `model` from. With `fresh`, a `small` model initialised with a
     fixed seed is exported once (about 25 s) into `cache` and reused by later runs."""
-    from limoe.model_store import ModelStore, ModelStoreError
+    from limoe.runtime.model_store import ModelStore, ModelStoreError
 
     if store and not fresh:
         ModelStore(store).load(model)  # fail early, naming the problem
@@ -114,21 +112,9 @@ def load_encoders(store: Path, model: str, threads: int):
     """The store entry's ONNX graphs on the CPU, run one pass at a time on `threads` intra-op threads
     (0: ONNX Runtime's default, every core): the raw encoder the benchmarks hold the server to.
     (The server runs LIMOE_ENCODER_PASSES passes at once, on the cores shared out among them.)"""
-    from limoe.onnx_encoder import OnnxEncoders
+    from limoe.runtime.onnx_encoder import OnnxEncoders
 
     return OnnxEncoders.from_store(store, model, providers=["CPUExecutionProvider"], threads=threads or None)
-
-
-def encoder_rate(enc, pixels: np.ndarray, seconds: float) -> float:
-    """images/s of the image encoder alone on one preprocessed batch, for about `seconds`."""
-    n = 0
-    start = time.perf_counter()
-    while True:
-        enc.encode_images(pixels)
-        n += len(pixels)
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return n / elapsed
 
 
 def listing(values, spec: str = ".0f") -> str:

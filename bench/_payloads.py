@@ -45,3 +45,16 @@ def encode_body(images: list[bytes], labels: list[str] = LABELS, fmt: str = "jso
         parts.append(f"--{BOUNDARY}--\r\n".encode())
         return b"".join(parts), {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def noisy_pngs(n: int, size: int = 180) -> list[bytes]:
+    """Incompressible PNGs, about 3 bytes per pixel: the most body per decoded pixel."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out

@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
+
 from _common import bench_parser, ensure_store, log, machine_load, threads_label
 from _load import close_clients, closed_loop, new_clients, percentile, run_async
 from _payloads import LABELS, encode_body, png_images

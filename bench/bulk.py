@@ -18,12 +18,12 @@ path classifies all of them; images/s = images / the seconds timed, as follows.
 - raw, N passes: the same, but --passes batches at once on the classifier's own encoder object
   (the same session, threads and provider: the cores shared out among the passes), the way
   classify runs it; printed with its ratio for comparison.
-- classify: `limoe.classify.classify_items` on the folder, with the model loaded and the label
+- classify: `limoe.bulk.classify.classify_items` on the folder, with the model loaded and the label
   set embedded beforehand (the `ZeroShot` built once, as a long run amortises it): listing the
   folder, decoding in --workers threads, encoding in batches of --batch-size, --passes at once,
   scoring, writing the JSON lines. This is `limoe classify` minus its start-up (which its
   summary's images/s includes).
-- classify --ray: `limoe.classify_ray.run_ray` on the folder (--ray-concurrency actors,
+- classify --ray: `limoe.bulk.classify_ray.run_ray` on the folder (--ray-concurrency actors,
   --batch-size, --workers), Ray started beforehand (num_cpus = os.cpu_count()). The figure is a whole
   run: the actors' start (process, imports, model, label set), reading, classifying, writing and
   reading back the output. Reported beside it: the Ray start-up (`ray.init`) and a steady-state
@@ -69,7 +69,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +76,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 import numpy as np
+
+from limoe.bulk.classify import (
+    ClassifyError,
+    JsonlWriter,
+    ZeroShot,
+    classify_items,
+    decode,
+    iter_items,
+    load_entry,
+    open_encoders,
+)
+from limoe.runtime.encoders import threads_per_pass
+
 from _common import bench_parser, ensure_store, listing, log, machine_load, threads_label
 from _load import Load, close_clients, new_clients, post, run_async
 from _payloads import LABELS, png_images
 from _server import Server
-
-from limoe.classify import (ClassifyError, JsonlWriter, ZeroShot, classify_items, decode, iter_items, load_entry,
-                            open_encoders)
-from limoe.encoders import threads_per_pass
+from _timing import raw_rate
 
 LABELS10 = [*LABELS, "a tree", "a house", "a bird", "a green field", "a person"]
 TOP_K = 5
@@ -94,17 +103,6 @@ ROWS = ("raw encoder", "raw, N passes", "classify", "classify --ray", "batch job
 
 
 # -- in process: the raw encoder and `limoe classify` -----------------------------------------------
-def raw_rate(enc, pixels: np.ndarray, batch: int, passes: int = 1) -> float:
-    """images/s of `encode_images` over all of `pixels` (N, 3, R, R), `batch` at a time, `passes`
-    batches at once (each in its own thread)."""
-    chunks = [pixels[i:i + batch] for i in range(0, len(pixels), batch)]
-    with ThreadPoolExecutor(passes) as pool:
-        start = time.perf_counter()
-        for _ in pool.map(enc.encode_images, chunks):
-            pass
-        return len(pixels) / (time.perf_counter() - start)
-
-
 def classify_rate(zs: ZeroShot, folder: Path, out: Path, n: int, batch: int, workers: int, passes: int) -> float:
     """images/s of the offline classifier's pipeline on `folder`, the model already loaded."""
     writer = JsonlWriter(out, append=False)
@@ -197,7 +195,7 @@ def ray_phase(args, store: Path, folder: Path, files: list[str], tmp: Path) -> d
     try:
         import ray
 
-        from limoe.classify_ray import run_ray
+        from limoe.bulk.classify_ray import run_ray
     except (ImportError, ClassifyError) as e:
         return {"skipped": f"Ray is not installed ({e}); pip install -e '.[ray]'"}
     options = dict(model=args.model, store=store, threads=args.threads, top_k=TOP_K, batch_size=args.batch_size,

@@ -4,11 +4,11 @@ fast training consumes them, measured in the same run on the same machine.
     python bench/data_loader.py [--cache DIR] [--data MIX] [--batch-size 128] [--loader-steps 30]
                                 [--train-steps 6] [--workers 2] [--preset small]
 
-Loader: exactly what `limoe train` does per step (limoe/cli.py, limoe/train.py): the mix as a
-MixDataset (split "train", the preset's preprocessing, all captions), limoe.train.StepSampler's
-weighted draw of the step's indices, and limoe.train.load_batch (decode + preprocess each image,
+Loader: exactly what `limoe train` does per step (limoe/cli.py, limoe/train/trainer.py): the mix as a
+MixDataset (split "train", the preset's preprocessing, all captions), limoe.train.trainer.StepSampler's
+weighted draw of the step's indices, and limoe.train.trainer.load_batch (decode + preprocess each image,
 pick and tokenise captions), inline and with `--workers` decoding threads (`limoe train
---workers`, default 2). Training: limoe.train.train for a few steps of the preset at the same
+--workers`, default 2). Training: limoe.train.trainer.train for a few steps of the preset at the same
 batch size on batches already in memory, so its examples/s (from log.jsonl, first step dropped)
 is the model's consumption alone. The last line is the ratio of the two (loader with --workers).
 """
@@ -26,9 +26,7 @@ from pathlib import Path
 
 from limoe.cli import DEFAULT_MIX  # what `limoe train` trains on by default
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from _common import log
 
 
 class InMemory:
@@ -45,8 +43,8 @@ class InMemory:
 
 
 def loader_rate(ds, tokenizer, batch: int, steps: int, workers: int, seed: int = 0) -> float:
-    """Pairs/s of limoe.train.load_batch over `steps` step-indexed batches (after one warm-up)."""
-    from limoe.train import StepSampler, load_batch
+    """Pairs/s of limoe.train.trainer.load_batch over `steps` step-indexed batches (after one warm-up)."""
+    from limoe.train.trainer import StepSampler, load_batch
 
     sampler = StepSampler(len(ds), batch, seed, getattr(ds, "sample_weights", None))
     pool = ThreadPoolExecutor(workers) if workers else None
@@ -63,8 +61,8 @@ def loader_rate(ds, tokenizer, batch: int, steps: int, workers: int, seed: int =
 
 
 def training_rate(cfg, tokenizer, items: list[dict], batch: int, steps: int) -> float:
-    """Median examples/s of limoe.train.train (log.jsonl) over steps 2..steps on in-memory data."""
-    from limoe.train import TrainConfig, train
+    """Median examples/s of limoe.train.trainer.train (log.jsonl) over steps 2..steps on in-memory data."""
+    from limoe.train.trainer import TrainConfig, train
 
     with tempfile.TemporaryDirectory(prefix="limoe-bench-loader-") as out:
         tc = TrainConfig(steps=steps, batch_size=batch, warmup_steps=1, checkpoint_every=10**9, num_workers=0)
@@ -86,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="decoding threads, as `limoe train --workers` (default 2)")
     args = p.parse_args(argv)
 
-    from limoe.config import get_config
-    from limoe.data.dataset import MixDataset
-    from limoe.preprocess import PreprocessConfig
-    from limoe.tokenizer import Tokenizer
+    from limoe.model.config import get_config
+    from limoe.runtime.preprocess import PreprocessConfig
+    from limoe.runtime.tokenizer import Tokenizer
+    from limoe.train.dataset import MixDataset
 
     cfg = get_config(args.preset)
     t0 = time.perf_counter()

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _onnx_timing import images_per_second
-from limoe.checkpoint import load_checkpoint
 from limoe.cli import main as cli
-from limoe.encoders import TorchEncoders
-from limoe.export import ImageEncoder, TextEncoder, agreement, example_inputs, export_entry
-from limoe.onnx_encoder import OnnxEncoders, OnnxGraph
+from limoe.export.exporter import ImageEncoder, TextEncoder, agreement, example_inputs, export_entry
+from limoe.model.checkpoint import load_checkpoint
+from limoe.runtime.encoders import TorchEncoders
+from limoe.runtime.onnx_encoder import OnnxEncoders, OnnxGraph
+
+from _timing import images_per_second
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ Server path: `limoe serve` with LIMOE_MAX_BATCH_SIZE=B and LIMOE_MAX_IMAGES_PER_
 --clients closed-loop clients posts /v1/classify requests of B 64x64 PNGs plus 5 fixed labels
 (bodies encoded once, connections kept alive), so the server forms batches of B (the mean batch
 size it really formed is printed). Raw path, in this process: for the same B PNG files, decode
-+ preprocess each (limoe.preprocess, as the server does), stack, and run the image encoder of an
++ preprocess each (limoe.runtime.preprocess, as the server does), stack, and run the image encoder of an
 OnnxEncoders built like the service's (CPU, same LIMOE_THREADS). The two paths alternate (server,
 raw, raw, server, ...) while the server idles between its rounds; each figure is the median
 over rounds. Server and client CPU time per image are printed to show where the gap goes.
@@ -30,12 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
+
+from limoe.runtime.preprocess import open_image, preprocess_image
+
 from _common import bench_parser, ensure_store, listing, load_encoders, log, machine_load, threads_label
 from _load import close_clients, closed_loop, diff, image_metrics, new_clients, percentile, run_async
 from _payloads import LABELS, encode_body, png_images
 from _server import Server
-
-from limoe.preprocess import open_image, preprocess_image
 
 
 def raw_round(enc, requests: list[list[bytes]], seconds: float) -> dict[str, float]:

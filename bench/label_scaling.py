@@ -32,18 +32,19 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
+
+from limoe.runtime.encoders import threads_per_pass
+from limoe.runtime.zeroshot import fill_templates
+
 from _common import bench_parser, ensure_store, listing, load_encoders, log, machine_load, threads_label
 from _payloads import png_images
 from _server import Server
-
-from limoe.encoders import threads_per_pass
-from limoe.zeroshot import fill_templates
+from _timing import raw_seconds
 
 TOP_K = 5
 
@@ -68,16 +69,6 @@ def timed_post(client: httpx.Client, url: str, content: bytes) -> float:
     if len(answered) != min(TOP_K, len(json.loads(content)["labels"])):
         raise RuntimeError(f"{url}: expected top {TOP_K} labels, got {len(answered)}")
     return elapsed
-
-
-def raw_seconds(enc, prompts: list[str], batch: int, passes: int = 1) -> float:
-    """Tokenise and encode `prompts` in batches of `batch`, `passes` batches at once."""
-    started = time.perf_counter()
-    ids = enc.tokenizer.encode(prompts)
-    with ThreadPoolExecutor(passes) as pool:
-        for _ in pool.map(enc.encode_tokens, [ids[i:i + batch] for i in range(0, len(ids), batch)]):
-            pass
-    return time.perf_counter() - started
 
 
 def best_batch(enc, prompts: list[str], top: int) -> tuple[int, dict[int, float]]:

@@ -7,7 +7,7 @@ with no auxiliary loss, each trained with several seeds.
         [--preset small] [--set width=128 ...] [--out runs/compare] [--json docs/results/limoe_vs_dense.json]
 
 Seed s changes the initialisation and the batch draw; every variant runs the same seed list, so
-seed s of every variant sees exactly the same batches. Each run is evaluated (`limoe.evaluate`)
+seed s of every variant sees exactly the same batches. Each run is evaluated (`limoe.eval.evaluate`)
 on the standard held-out sets. Runs live in OUT/<variant>/seed<s>; a run whose directory already
 holds a finished checkpoint and its eval.json is not trained again, so an interrupted verdict
 continues where it stopped (a half-trained run resumes from its last checkpoint).
@@ -32,16 +32,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from limoe.checkpoint import read_metadata
 from limoe.cli import parse_overrides
-from limoe.config import LIMoEConfig, dense_counterpart, get_config, two_tower_counterpart
-from limoe.data.dataset import MixDataset
-from limoe.encoders import TorchEncoders
-from limoe.evaluate import evaluate, write_results
-from limoe.evaluate_sets import default_eval_sets
-from limoe.preprocess import PreprocessConfig
-from limoe.tokenizer import Tokenizer
-from limoe.train import TrainConfig, train, training_texts
+from limoe.eval.evaluate import evaluate, write_results
+from limoe.eval.sets import default_eval_sets
+from limoe.export.torch_encoders import checkpoint_encoders
+from limoe.model.checkpoint import read_metadata
+from limoe.model.config import LIMoEConfig, dense_counterpart, get_config, two_tower_counterpart
+from limoe.runtime.preprocess import PreprocessConfig
+from limoe.runtime.tokenizer import Tokenizer
+from limoe.train.dataset import MixDataset
+from limoe.train.trainer import TrainConfig, train, training_texts
 
 LIMOE, DENSE, TWO_TOWER = "LIMoE (entropy losses)", "dense", "two-tower"
 VARIANTS: dict[str, tuple[str, Callable[[LIMoEConfig], LIMoEConfig]]] = {  # name -> (run directory, config)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 train(configs[name], tc, data, tokenizer, run_dir, progress=False, meta=meta)
             results = json.loads(eval_path.read_text()) if reused and eval_path.exists() else None
             if results is None or results.get("bench", {}).get("limit") != args.limit:
-                enc = TorchEncoders.from_checkpoint(run_dir / "model.safetensors")
+                enc = checkpoint_encoders(run_dir / "model.safetensors")
                 eval_sets = eval_sets or default_eval_sets(enc, cache=args.cache, limit=args.limit)
                 results = {**evaluate(enc, eval_sets), "bench": {"limit": args.limit, "steps": args.steps}}
                 write_results(results, eval_path.with_suffix(".tmp"))

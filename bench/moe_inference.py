@@ -10,7 +10,7 @@ Graphs of the same image encoder (a freshly initialised `small` model unless --c
     capacity        capacity factor 1.0, one routing group per example (drops what overflows)
     dense           the dense model of equal active FLOPs (no MoE layers)
 
-each in fp32 and static int8 (calibrated, batch-independent; see limoe.quantize), at batch 1
+each in fp32 and static int8 (calibrated, batch-independent; see limoe.export.quantize), at batch 1
 and 32, run as the server runs them: --passes forward passes at once (LIMOE_ENCODER_PASSES,
 default 2), each on --threads intra-op threads (0: the cores shared out among the passes;
 `--passes 1 --threads 0` is one pass on every core, ONNX Runtime's default). Rounds interleave the graphs (A B C D A B C D ...) so machine noise hits all alike; each
@@ -30,14 +30,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from _onnx_timing import images_per_second
-from limoe.checkpoint import load_checkpoint
-from limoe.config import dense_counterpart, get_config
-from limoe.encoders import batch_independence, threads_per_pass
-from limoe.export import ImageEncoder, export_onnx
-from limoe.model import LIMoE
-from limoe.onnx_encoder import OnnxGraph
-from limoe.quantize import quantize
+from limoe.export.exporter import ImageEncoder, export_onnx
+from limoe.export.quantize import quantize
+from limoe.model.checkpoint import load_checkpoint
+from limoe.model.config import dense_counterpart, get_config
+from limoe.model.transformer import LIMoE
+from limoe.runtime.encoders import batch_independence, threads_per_pass
+from limoe.runtime.onnx_encoder import OnnxGraph
+
+from _timing import images_per_second
 
 
 def build_graphs(model: LIMoE, work: Path, calibration: np.ndarray) -> dict[str, Path]:

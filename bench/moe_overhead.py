@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from limoe.config import dense_counterpart, get_config
-from limoe.model import LIMoE
-from limoe.stats import flops_per_example
+from limoe.model.config import dense_counterpart, get_config
+from limoe.model.stats import flops_per_example
+from limoe.model.transformer import LIMoE
 
 
 def images_per_second(model: LIMoE, images: torch.Tensor, iters: int) -> float:

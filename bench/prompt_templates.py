@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from limoe.data.dataset import MixDataset
-from limoe.encoders import TorchEncoders
-from limoe.evaluate import EvalSet, evaluate
-from limoe.templates import DEFAULT_TEMPLATES
+from limoe.eval.evaluate import EvalSet, evaluate
+from limoe.export.torch_encoders import checkpoint_encoders
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.train.dataset import MixDataset
 
 CANDIDATES = {
     "default (8 prompts)": DEFAULT_TEMPLATES,
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=300, help="images per validation set")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    enc = TorchEncoders.from_checkpoint(args.checkpoint)
+    enc = checkpoint_encoders(args.checkpoint)
     sets = validation_sets(enc, args.cache, args.limit)
     results = {}
     for name, templates in CANDIDATES.items():

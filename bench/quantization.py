@@ -3,9 +3,9 @@
     python bench/quantization.py --checkpoint CKPT [--cache DATA] [--calibration-data MIX] [--limit 1000]
 
 Exports the checkpoint's dropless image and text encoders (fp32), quantises both with every
-scheme of limoe.quantize (static QDQ calibrated on --calibration-count items of the training
+scheme of limoe.export.quantize (static QDQ calibrated on --calibration-count items of the training
 mix, weight-only MatMulNBits, and dynamic for reference), and reports per scheme, on the
-standard held-out sets (limoe.evaluate_sets):
+standard held-out sets (limoe.eval.sets):
 
     cosine     image embedding cosine to fp32 (mean and min over every evaluation image)
     agree      top-1 agreement with fp32's zero-shot prediction (all the set's classes)
@@ -29,16 +29,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from _onnx_timing import images_per_second
-from limoe.checkpoint import load_checkpoint, read_tokenizer
-from limoe.encoders import TorchEncoders, batch_independence
-from limoe.evaluate import encode_batched, n_way_accuracy, topk_accuracy
-from limoe.evaluate_sets import default_eval_sets
-from limoe.export import ImageEncoder, TextEncoder, calibration_inputs, example_inputs, export_onnx
-from limoe.onnx_encoder import OnnxGraph
-from limoe.quantize import SCHEMES, batches, quantize
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.zeroshot import build_zero_shot_classifier
+from limoe.eval.evaluate import encode_batched, n_way_accuracy, topk_accuracy
+from limoe.eval.sets import default_eval_sets
+from limoe.export.exporter import ImageEncoder, TextEncoder, calibration_inputs, example_inputs, export_onnx
+from limoe.export.quantize import SCHEMES, batches, quantize
+from limoe.export.torch_encoders import model_encoders
+from limoe.model.checkpoint import load_checkpoint, read_tokenizer
+from limoe.runtime.encoders import batch_independence
+from limoe.runtime.onnx_encoder import OnnxGraph
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.zeroshot import build_zero_shot_classifier
+
+from _timing import images_per_second
 
 CANDIDATES = ("fp32", *SCHEMES)
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         paths[scheme] = pair
     graphs = {k: (OnnxGraph(i), OnnxGraph(t)) for k, (i, t) in paths.items()}
 
-    sets = default_eval_sets(TorchEncoders.from_model(model, tokenizer), cache=args.cache, limit=args.limit)
+    sets = default_eval_sets(model_encoders(model, tokenizer), cache=args.cache, limit=args.limit)
     report: dict[str, dict] = {k: {"sets": {}} for k in CANDIDATES}
     reference: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in sets:

@@ -32,10 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from _common import bench_parser, encoder_rate, ensure_store, listing, load_encoders, log, machine_load, threads_label
+
+from _common import bench_parser, ensure_store, listing, load_encoders, log, machine_load, threads_label
 from _load import close_clients, closed_loop, diff, image_metrics, new_clients, percentile, run_async
 from _payloads import LABELS, encode_body, png_images
 from _server import Server
+from _timing import encoder_rate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
+
 from _common import bench_parser, ensure_store, listing, log, machine_load, threads_label
 from _load import Load, close_clients, closed_loop, diff, image_metrics, new_clients, percentile, post, run_async
 from _payloads import LABELS, encode_body, png_images

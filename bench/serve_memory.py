@@ -22,7 +22,6 @@ over the run (target < 1 GiB for the CPU service with the default model, DESIGN.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import sys
 import time
@@ -32,25 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
 import numpy as np
+
 from _common import bench_parser, ensure_store, log, machine_load, threads_label
 from _load import close_clients, new_clients, run_async
-from _payloads import encode_body, png_images
+from _payloads import encode_body, noisy_pngs, png_images
 from _server import Server
 
 MIB = 1024 * 1024
-
-
-def noisy_pngs(n: int, size: int = 180) -> list[bytes]:
-    """Incompressible PNGs, about 3 bytes per pixel: the most body per decoded pixel."""
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def label_sets(count: int, distinct: int, per_request: int = 5, seed: int = 0) -> list[list[str]]:

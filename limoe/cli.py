@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from limoe.config import PRESETS, dense_counterpart, get_config, two_tower_counterpart
-    from limoe.stats import format_table
+    from limoe.model.config import PRESETS, dense_counterpart, get_config, two_tower_counterpart
+    from limoe.model.stats import format_table
 
     names = list(PRESETS) if args.preset == ["all"] else args.preset
     try:
@@ -35,11 +35,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     import torch
 
-    from limoe.checkpoint import save_checkpoint
-    from limoe.config import get_config
-    from limoe.model import build_model
-    from limoe.templates import DEFAULT_TEMPLATES
-    from limoe.tokenizer import Tokenizer
+    from limoe.model.checkpoint import save_checkpoint
+    from limoe.model.config import get_config
+    from limoe.model.transformer import build_model
+    from limoe.runtime.templates import DEFAULT_TEMPLATES
+    from limoe.runtime.tokenizer import Tokenizer
 
     cfg = get_config(args.preset)
     if args.captions:
@@ -57,9 +57,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from limoe.export import export_entry
-    from limoe.model_store import ModelStoreError
-    from limoe.tokenizer import Tokenizer
+    from limoe.export.exporter import export_entry
+    from limoe.runtime.model_store import ModelStoreError
+    from limoe.runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     try:
@@ -91,8 +91,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_freeze_int8(args: argparse.Namespace) -> int:
-    from limoe.export import freeze_entry_int8
-    from limoe.model_store import ModelStoreError
+    from limoe.export.exporter import freeze_entry_int8
+    from limoe.runtime.model_store import ModelStoreError
 
     try:
         manifest = freeze_entry_int8(args.entry, args.calibration_data, args.cache, args.calibration_count)
@@ -108,8 +108,8 @@ def _cmd_freeze_int8(args: argparse.Namespace) -> int:
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from limoe.model_store import ModelStoreError
-    from limoe.recover import recover_checkpoint
+    from limoe.export.recover import recover_checkpoint
+    from limoe.runtime.model_store import ModelStoreError
 
     try:
         path, agreement = recover_checkpoint(args.entry, args.output, args.inference_routing)
@@ -138,13 +138,12 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from limoe.config import dense_counterpart, get_config, two_tower_counterpart
-    from limoe.data.dataset import MixDataset
-    from limoe.preprocess import PreprocessConfig
-    from limoe.tokenizer import Tokenizer
-    from limoe.train import TrainConfig, train, training_texts
-
-    from limoe.checkpoint import read_metadata, read_tokenizer
+    from limoe.model.checkpoint import read_metadata, read_tokenizer
+    from limoe.model.config import dense_counterpart, get_config, two_tower_counterpart
+    from limoe.runtime.preprocess import PreprocessConfig
+    from limoe.runtime.tokenizer import Tokenizer
+    from limoe.train.dataset import MixDataset
+    from limoe.train.trainer import TrainConfig, train, training_texts
 
     if args.init:  # fine-tuning: the checkpoint's architecture and vocabulary, --set changes its config
         if args.dense or args.arch != "one_tower":
@@ -204,28 +203,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from limoe.encoders import TorchEncoders
-    from limoe.evaluate import (PLOT_FILES, evaluate, format_results, plot_expert_usage,
-                                plot_routing_maps, record_evaluation, with_capacity, write_results)
-    from limoe.evaluate_sets import default_eval_sets
-    from limoe.onnx_encoder import OnnxEncoders
-    from limoe.templates import DEFAULT_TEMPLATES
+    from limoe.eval.evaluate import (
+        PLOT_FILES,
+        evaluate,
+        format_results,
+        plot_expert_usage,
+        plot_routing_maps,
+        record_evaluation,
+        with_capacity,
+        write_results,
+    )
+    from limoe.eval.sets import default_eval_sets
+    from limoe.export.torch_encoders import checkpoint_encoders
+    from limoe.runtime.onnx_encoder import OnnxEncoders
+    from limoe.runtime.templates import DEFAULT_TEMPLATES
 
     target = Path(args.target)
-    enc = OnnxEncoders.from_entry(target) if target.is_dir() else TorchEncoders.from_checkpoint(target)
+    enc = OnnxEncoders.from_entry(target) if target.is_dir() else checkpoint_encoders(target)
     sets = default_eval_sets(enc, cache=args.cache, limit=args.limit)
     # Prompt templates: --template, else an entry's own (its manifest), else the default prompts.
     templates = tuple(args.template) if args.template else getattr(getattr(enc, "manifest", None), "templates",
                                                                    None) or DEFAULT_TEMPLATES
     results = {**evaluate(enc, sets, templates), "templates": list(templates)}
     if target.is_dir():  # an entry runs its own graphs; the checkpoint's capacity column carries over
-        from limoe.model_store import read_manifest
+        from limoe.runtime.model_store import read_manifest
 
         previous = read_manifest(target).data.get("evaluation") or {}
         if "capacity" in previous:
             results["capacity"] = previous["capacity"]
     elif enc.moe.layers and args.capacity_factor > 0:  # the same weights at capacity routing, side by side
-        capacity = TorchEncoders.from_checkpoint(target, inference_routing="capacity",
+        capacity = checkpoint_encoders(target, inference_routing="capacity",
                                                  eval_capacity_factor=args.capacity_factor)
         results = with_capacity(results, evaluate(capacity, sets, templates), args.capacity_factor)
     print(format_results(results))
@@ -250,8 +257,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from limoe.classify import ClassifyError, parse_labels, print_summary, run
-    from limoe.model_store import ModelStoreError
+    from limoe.bulk.classify import ClassifyError, parse_labels, print_summary, run
+    from limoe.runtime.model_store import ModelStoreError
 
     options = dict(templates=args.template, model=args.model, version=args.version, store=args.store,
                    backend=args.backend, device=args.device, quantized=args.int8, threads=args.threads,
@@ -261,7 +268,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     try:
         labels = parse_labels(args.labels, args.labels_file)
         if args.ray:
-            from limoe.classify_ray import run_ray
+            from limoe.bulk.classify_ray import run_ray
 
             summary = run_ray(args.paths, args.out, labels, address=args.ray_address,
                               concurrency=args.concurrency, num_gpus=args.num_gpus, **options)
@@ -274,12 +281,27 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.cli import serve
+def add_plugin_commands(sub) -> None:
+    """Subcommands that other packages add through the `limoe.commands` entry point group: each
+    entry point names a function that takes the subparsers. `limoe serve` comes this way from the
+    service (service.command), so that the library never imports the service. A command whose
+    package cannot be imported (an extra not installed) still appears, and says what to install."""
+    from importlib.metadata import entry_points
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model),
-                                   ("model_version", args.version), ("backend", args.backend)) if v is not None}
-    return serve(overrides)
+    for ep in sorted(entry_points(group="limoe.commands"), key=lambda e: e.name):
+        try:
+            add = ep.load()
+        except ImportError as e:
+            missing = sub.add_parser(ep.name, help=f"unavailable here ({e})")
+            missing.set_defaults(func=lambda args, ep=ep, e=e: _unavailable(ep.name, e))
+            continue
+        add(sub)
+
+
+def _unavailable(name: str, error: ImportError) -> int:
+    print(f"error: limoe {name} cannot run here ({error}); for `limoe serve`: pip install 'limoe-serve[serve]'",
+          file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,11 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated subset of onnx, torchscript, int8 (default onnx,torchscript); "
                              "'int8' alone makes the smallest entry")
     export.add_argument("--tokenizer", help="tokenizer.json, when the checkpoint holds none")
-    export.add_argument("--opset", type=int, help="ONNX opset (default: limoe.export.DEFAULT_OPSET)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: limoe.export.exporter.DEFAULT_OPSET)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
     export.add_argument("--template", action="append", metavar="TEMPLATE",
                         help="the entry's default prompt template, '{}' marks the label; repeat for an ensemble "
-                             "(default: limoe.templates.DEFAULT_TEMPLATES)")
+                             "(default: limoe.runtime.templates.DEFAULT_TEMPLATES)")
     export.set_defaults(func=_cmd_export)
 
     freeze = sub.add_parser("freeze-int8", help="fix the activation scales of an entry's dynamic int8 graphs "
@@ -367,10 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(separate dense image and text towers; limoe info PRESET --baselines)")
     train.add_argument("--template-prob", type=float,
                        help="share of texts that are a zero-shot prompt template filled with the item's label "
-                            "(default: limoe.train.TrainConfig's)")
+                            "(default: limoe.train.trainer.TrainConfig's)")
     train.add_argument("--multi-positive", action=argparse.BooleanOptionalAction,
                        help="pairs showing the same text are positives of each other in the contrastive loss "
-                            "(default: limoe.train.TrainConfig's)")
+                            "(default: limoe.train.trainer.TrainConfig's)")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="override a config field, e.g. --set aux_loss=classic --set router_noise_std=0.125")
     train.set_defaults(func=_cmd_train)
@@ -384,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "default for a store entry: the entry, listed in its manifest and card")
     ev.add_argument("--template", action="append", metavar="TEMPLATE",
                     help="prompt template, '{}' marks the label; repeat for an ensemble (default: a store entry's "
-                         "own templates, else limoe.templates.DEFAULT_TEMPLATES)")
+                         "own templates, else limoe.runtime.templates.DEFAULT_TEMPLATES)")
     ev.add_argument("--capacity-factor", type=float, default=1.0,
                     help="a checkpoint is also evaluated with capacity routing at this inference capacity factor, "
                          "side by side with its dropless inference (0: skip)")
@@ -440,13 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
 
-    serve = sub.add_parser("serve", help="run the HTTP service (settings from LIMOE_* variables)")
-    serve.add_argument("--host", help="bind address (LIMOE_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (LIMOE_PORT, default 8000)")
-    serve.add_argument("--model", help="model name in the store, or an entry directory (LIMOE_MODEL)")
-    serve.add_argument("--version", help="model version (LIMOE_MODEL_VERSION, default latest)")
-    serve.add_argument("--backend", choices=["onnx", "torchscript"], help="LIMOE_BACKEND (default onnx)")
-    serve.set_defaults(func=_cmd_serve)
+    add_plugin_commands(sub)
     return parser
 
 

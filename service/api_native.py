@@ -12,14 +12,32 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from limoe.zeroshot import fill_templates
+from limoe.runtime.zeroshot import fill_templates
 from service.batcher import Permit
 from service.engine import Engine, Routing, Scores
 from service.errors import BadRequest, ServiceError, Unprocessable
-from service.http import (ServiceRoute, answer, b64decode, deadline_s, json_response, media_type, raw_body, serving,
-                          validate)
-from service.schemas import (ClassifyForm, ClassifyRequest, ClassifyResponse, EmbedRequest, EmbedResponse,
-                             ModelsResponse, error_responses, form_body, ranked)
+from service.http import (
+    ServiceRoute,
+    answer,
+    b64decode,
+    deadline_s,
+    json_response,
+    media_type,
+    raw_body,
+    serving,
+    validate,
+)
+from service.schemas import (
+    ClassifyForm,
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ModelsResponse,
+    error_responses,
+    form_body,
+    ranked,
+)
 
 router = APIRouter(prefix="/v1", tags=["native"], route_class=ServiceRoute, strict_content_type=False)
 ERRORS = error_responses(400, 413, 415, 422, 429, 503, 504)

@@ -1,4 +1,4 @@
-"""Inference backends: the encoder pairs the service runs (limoe.encoders.Encoders, numpy in and
+"""Inference backends: the encoder pairs the service runs (limoe.runtime.encoders.Encoders, numpy in and
 out), opened from a verified store entry: `OnnxEncoders` (default, torch-free), `TorchEncoders`
 on the entry's TorchScript file (torch, GPU users), and a deterministic fake for API tests.
 """
@@ -13,11 +13,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from limoe.encoders import EncoderOutput, Encoders, MoEInfo, TorchEncoders, threads_per_pass
-from limoe.model_store import FORMAT, Manifest, ModelStore, ModelStoreError, verify
-from limoe.onnx_encoder import OnnxEncoders, graph_suffix
-from limoe.preprocess import PreprocessConfig
-from limoe.tokenizer import Tokenizer
+from limoe.runtime.encoders import EncoderOutput, Encoders, TorchEncoders, threads_per_pass
+from limoe.runtime.model_store import FORMAT, Manifest, ModelStore, ModelStoreError, MoEInfo, verify
+from limoe.runtime.onnx_encoder import OnnxEncoders, graph_suffix
+from limoe.runtime.preprocess import PreprocessConfig
+from limoe.runtime.tokenizer import Tokenizer
 from service.settings import Settings
 
 log = logging.getLogger("limoe.service")

@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from limoe.encoders import EncoderOutput
+from limoe.runtime.encoders import EncoderOutput
 from service.errors import Overloaded
 from service.metrics import Metrics
 

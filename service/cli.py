@@ -90,7 +90,7 @@ def serve(argv_overrides: dict | None = None) -> int:
             msg = err["msg"].removeprefix("Value error, ")
             print(f"  LIMOE_{field.upper()}: {msg}" if field else f"  {msg}", file=sys.stderr)
         return 2
-    from limoe.model_store import ModelStoreError
+    from limoe.runtime.model_store import ModelStoreError
     from service.backends import DeviceError, check_device, load_manifest
 
     try:  # fail before uvicorn starts, with one clear line instead of a lifespan traceback

@@ -15,9 +15,9 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from limoe.preprocess import ImageError, ImageTooLargeError, decode_image
-from limoe.routing_counts import expert_counts
-from limoe.zeroshot import ensemble, fill_templates, zero_shot_scores
+from limoe.runtime.preprocess import ImageError, ImageTooLargeError, decode_image
+from limoe.runtime.routing_counts import expert_counts
+from limoe.runtime.zeroshot import ensemble, fill_templates, zero_shot_scores
 from service.backends import Backend
 from service.batcher import DynamicBatcher, ItemResult, Permit
 from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, ServiceError, Unprocessable

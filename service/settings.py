@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
-from limoe.model_store import default_store
+from limoe.runtime.model_store import default_store
 
 
 def default_jobs_dir() -> Path:

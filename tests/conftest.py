@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from limoe.checkpoint import save_checkpoint
 from limoe.cli import main
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.tokenizer import Tokenizer
-
-from limoe.config import get_config
-from limoe.model import LIMoE
+from limoe.model.checkpoint import save_checkpoint
+from limoe.model.config import get_config
+from limoe.model.transformer import LIMoE
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.tokenizer import Tokenizer
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import logging
 import onnxruntime as ort
 import pytest
 import torch
+from servers import ROOT
 
-from limoe.onnx_encoder import OnnxEncoders
+from limoe.runtime.onnx_encoder import OnnxEncoders
 from service.backends import DeviceError, check_device, load_manifest, open_onnx
 from service.settings import Settings
-from servers import ROOT
 
 STORE = str(ROOT / "model_store")
 ORT_HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from limoe.encoders import EncoderOutput
+from limoe.runtime.encoders import EncoderOutput
 from service.batcher import DynamicBatcher, Room
 from service.errors import Overloaded
 from service.metrics import Metrics

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from servers import ROOT
 
 spec = importlib.util.spec_from_file_location("limoe_vs_dense", ROOT / "bench" / "limoe_vs_dense.py")
@@ -89,8 +88,8 @@ def _run(tmp_path, *extra):
 
 
 def test_comparison_trains_every_variant_and_seed_writes_json_and_resumes(tmp_path):
-    from limoe.checkpoint import read_metadata
     from limoe.data.scenes import prepare_scenes
+    from limoe.model.checkpoint import read_metadata
 
     prepare_scenes(tmp_path / "cache", count=120)
     out = _run(tmp_path)

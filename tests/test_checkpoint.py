@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import random_batch
 from safetensors.torch import save_file
 
-from conftest import random_batch
-from limoe.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from limoe.model.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 
 def test_round_trip_needs_nothing_but_the_file(tiny_model, tiny_cfg, tmp_path):

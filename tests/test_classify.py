@@ -13,13 +13,23 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
-from limoe.classify import (ClassifyError, Item, ZeroShot, classify_items, iter_items, load_entry, open_encoders,
-                            parse_labels, read_rows, run)
-from limoe.cli import main
-from limoe.zeroshot import zero_shot_scores
 from servers import serve_process
 from tools import run_without_torch
+
+from limoe.bulk.classify import (
+    ClassifyError,
+    Item,
+    ZeroShot,
+    classify_items,
+    iter_items,
+    load_entry,
+    open_encoders,
+    parse_labels,
+    read_rows,
+    run,
+)
+from limoe.cli import main
+from limoe.runtime.zeroshot import zero_shot_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "limoe-tiny"
@@ -273,7 +283,7 @@ def test_one_pass_at_a_time_writes_the_same_rows_in_the_same_order(folder, refer
 
 
 def test_threads_per_pass_shares_the_cores_out(monkeypatch, folder, tmp_path):
-    import limoe.encoders as encoders
+    import limoe.runtime.encoders as encoders
 
     monkeypatch.setattr(encoders, "cpu_cores", lambda: 8)
     assert [encoders.threads_per_pass(p) for p in (1, 2, 3, 8, 16)] == [0, 4, 2, 1, 1]  # 0: the runtime's default

@@ -12,7 +12,7 @@ import pytest
 import ray
 from PIL import Image
 
-from limoe.classify import read_rows, run
+from limoe.bulk.classify import read_rows, run
 from limoe.cli import main
 
 MODEL = "limoe-tiny"

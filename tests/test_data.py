@@ -17,7 +17,6 @@ from PIL import Image
 
 from limoe.data import npm
 from limoe.data.cli import add_data_parser
-from limoe.data.dataset import MixDataset, parse_mix
 from limoe.data.emoji import emoji_captions, emojibase_index, normalize_code, prepare_emoji
 from limoe.data.format import SPLITS, iter_jsonl, png_bytes, read_meta, split_for, validate_item
 from limoe.data.icons import icon_captions, prepare_icons
@@ -25,7 +24,8 @@ from limoe.data.licenses import LICENSES, attribution_markdown
 from limoe.data.mnist import prepare_mnist
 from limoe.data.readers import expand_shards
 from limoe.data.scenes import COLOURS, HELDOUT_COMBOS, SHAPES, prepare_scenes, render_scene, sample_spec
-from limoe.preprocess import PreprocessConfig
+from limoe.runtime.preprocess import PreprocessConfig
+from limoe.train.dataset import MixDataset, parse_mix
 
 PRE = PreprocessConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 QUIET = {"log": lambda *a: None}
@@ -362,7 +362,7 @@ def test_items_and_mix_weights_give_the_proportions(cache):
     assert set(ex) >= {"pixels", "caption", "label", "source", "style"}
     assert ex["pixels"].shape == (3, 16, 16) and ex["pixels"].dtype == np.float32
     assert ex["caption"] in ds.items[0]["captions"] and ds[0]["caption"] == ex["caption"]  # seeded
-    # the per-item sample weights (what limoe.train.StepSampler draws from): each source's items
+    # the per-item sample weights (what limoe.train.trainer.StepSampler draws from): each source's items
     # together carry its share of the mix weights (2, 1, 0.5, 0.5 of 4), spread evenly over them
     want = {"scenes": 2 / 4, "mnist": 1 / 4, "icons": 0.5 / 4, "emoji": 0.5 / 4}
     w = ds.sample_weights

@@ -12,19 +12,18 @@ import pytest
 from PIL import Image
 
 from limoe.data.cli import add_data_parser
-from limoe.data.dataset import MixDataset
 from limoe.data.emoji import emoji_captions, emojibase_index
 from limoe.data.emoji_art import EmojiNames, prepare_emoji_art, slug
 from limoe.data.format import iter_jsonl, read_meta, split_for
-from limoe.data.iconify import (ACCEPTED_LICENSES, LicenseRefused, check_license, icon_svg, parse_icon_set,
-                                split_variant)
+from limoe.data.iconify import ACCEPTED_LICENSES, LicenseRefused, check_license, icon_svg, parse_icon_set, split_variant
 from limoe.data.iconify_sets import EMOJI_SETS, ICON_SETS, package, pinned_integrity
 from limoe.data.iconsets import flag_names, icon_captions, prepare_iconsets
 from limoe.data.licenses import LICENSES, attribution_markdown, licenses_for
 from limoe.data.npm import PINNED_INTEGRITY
 from limoe.data.render import Look, compose_svg, look_for, render_png
 from limoe.data.scenes import COLOURS
-from limoe.preprocess import PreprocessConfig
+from limoe.runtime.preprocess import PreprocessConfig
+from limoe.train.dataset import MixDataset
 
 PRE = PreprocessConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 QUIET = {"log": lambda *a: None}

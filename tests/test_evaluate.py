@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from limoe.encoders import TorchEncoders
-from limoe.evaluate import (EvalSet, evaluate, format_results, n_way_accuracy, retrieval_recall, routing_analysis,
-                            topk_accuracy)
-from limoe.onnx_encoder import OnnxEncoders
+from limoe.eval.evaluate import (
+    EvalSet,
+    evaluate,
+    format_results,
+    n_way_accuracy,
+    retrieval_recall,
+    routing_analysis,
+    topk_accuracy,
+)
+from limoe.export.torch_encoders import checkpoint_encoders
+from limoe.runtime.onnx_encoder import OnnxEncoders
 
 
 def test_topk_accuracy_by_hand():
@@ -72,7 +79,7 @@ def test_checkpoint_and_export_evaluate_the_same(exported):
     pixels = torch.randn(12, 3, cfg.image_size, cfg.image_size, generator=g).numpy()
     labels = ["red circle", "blue square", "cat"] * 4
     sets = [EvalSet("toy", pixels, labels, captions=[f"a {x}" for x in labels])]
-    a = evaluate(TorchEncoders.from_checkpoint(ckpt), sets)
+    a = evaluate(checkpoint_encoders(ckpt), sets)
     b = evaluate(OnnxEncoders.from_entry(entry), sets)
     assert a["zero_shot"] == b["zero_shot"] and a["retrieval"] == b["retrieval"]
     assert a["routing"]["layers"][0]["usage"] == b["routing"]["layers"][0]["usage"]
@@ -84,7 +91,7 @@ def test_checkpoint_and_export_evaluate_the_same(exported):
 def test_plots_are_written(tmp_path):
     from PIL import Image
 
-    from limoe.evaluate import plot_expert_usage, plot_routing_maps
+    from limoe.eval.evaluate import plot_expert_usage, plot_routing_maps
 
     img = np.random.default_rng(0).integers(-1, 3, (2, 2, 16, 1))
     txt = np.random.default_rng(1).integers(-1, 3, (2, 2, 8, 1))
@@ -100,16 +107,16 @@ def test_plots_are_written(tmp_path):
 def test_dropless_and_capacity_are_reported_side_by_side(exported):
     """`limoe eval CHECKPOINT` evaluates the same weights dropless and at capacity routing; the
     table and the model card show both, with the capacity run's drop rates."""
-    from limoe.evaluate import with_capacity
-    from limoe.model_card import render_model_card
+    from limoe.eval.evaluate import with_capacity
+    from limoe.export.model_card import render_model_card
 
     model, _, entry, ckpt = exported
     cfg = model.cfg
     pixels = torch.randn(12, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)).numpy()
     labels = ["red circle", "blue square", "cat"] * 4
     sets = [EvalSet("toy", pixels, labels, captions=[f"a {x}" for x in labels])]
-    dropless = evaluate(TorchEncoders.from_checkpoint(ckpt), sets)
-    capacity = evaluate(TorchEncoders.from_checkpoint(ckpt, inference_routing="capacity", eval_capacity_factor=0.5),
+    dropless = evaluate(checkpoint_encoders(ckpt), sets)
+    capacity = evaluate(checkpoint_encoders(ckpt, inference_routing="capacity", eval_capacity_factor=0.5),
                         sets)
     assert all(r["dropped_rate"]["image"] == 0 for r in dropless["routing"]["layers"])
     assert all(r["dropped_rate"]["image"] > 0 for r in capacity["routing"]["layers"])  # the peaky router overflows
@@ -126,7 +133,7 @@ def test_dropless_and_capacity_are_reported_side_by_side(exported):
 
 
 def test_group_top1_competes_only_within_the_images_category():
-    from limoe.evaluate import group_top1
+    from limoe.eval.evaluate import group_top1
 
     classes = ["cat", "dog", "car", "bus"]  # animals: cat, dog; vehicles: car, bus
     labels = ["cat", "dog", "car", "bus"]

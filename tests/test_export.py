@@ -6,17 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TOY_EVAL, random_batch
-from limoe.checkpoint import save_checkpoint
-from limoe.cli import main
-from limoe.encoders import TorchEncoders, batch_independence
-from limoe.export import ImageEncoder, TextEncoder
-from limoe.model_store import ModelStoreError, verify
-from limoe.onnx_encoder import OnnxEncoders, OnnxGraph
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.tokenizer import Tokenizer
 from tools import run_without_torch
+
+from limoe.cli import main
+from limoe.export.exporter import ImageEncoder, TextEncoder
+from limoe.model.checkpoint import save_checkpoint
+from limoe.runtime.encoders import TorchEncoders, batch_independence
+from limoe.runtime.model_store import ModelStoreError, verify
+from limoe.runtime.onnx_encoder import OnnxEncoders, OnnxGraph
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.tokenizer import Tokenizer
+
 
 def _eager(model, images=None, tokens=None):
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_onnx_path_runs_where_torch_cannot_be_imported(exported, tmp_path):
         Tokenizer.load(entry / "tokenizer.json").encode(["red circle", "cat"])))[0]
     script = f"""
         import numpy as np
-        from limoe.onnx_encoder import OnnxEncoders
+        from limoe.runtime.onnx_encoder import OnnxEncoders
         enc = OnnxEncoders.from_entry({str(entry)!r})
         np.save({str(tmp_path / "img_out.npy")!r}, enc.encode_images(np.load({str(tmp_path / "images.npy")!r})).embeddings)
         ids = enc.tokenizer.encode(["red circle", "cat"])
@@ -266,7 +267,7 @@ def test_export_can_override_the_inference_routing(exported, tmp_path):
 def test_freezing_dynamic_int8_makes_it_batch_independent(exported, tmp_path):
     """Entries from before static int8 (dynamic quantisation, checkpoint gone) get fixed activation
     scales: dynamic int8 moves an item with its batch; frozen, it does not, and it stays close."""
-    from limoe.quantize import freeze_dynamic_int8, quantize
+    from limoe.export.quantize import freeze_dynamic_int8, quantize
 
     model, _, entry, _ = exported
     images, _ = random_batch(model.cfg, 5, seed=4)
@@ -285,12 +286,12 @@ def test_freezing_dynamic_int8_makes_it_batch_independent(exported, tmp_path):
 def test_freeze_int8_command_rewrites_an_entry_in_place(exported, tmp_path, monkeypatch, capsys):
     """`limoe freeze-int8 ENTRY` on an entry with dynamic int8 graphs (made here as the old
     exporter did): afterwards it verifies, records the freezing, and answers batch-independently."""
-    import limoe.export
-    from limoe.export import export_entry
-    from limoe.quantize import SCHEMES
+    import limoe.export.exporter
+    from limoe.export.exporter import export_entry
+    from limoe.export.quantize import SCHEMES
 
     model, _, _, ckpt = exported
-    monkeypatch.setattr(limoe.export, "EXPORT_SCHEMES", SCHEMES)  # the old exporter's dynamic int8
+    monkeypatch.setattr(limoe.export.exporter, "EXPORT_SCHEMES", SCHEMES)  # the old exporter's dynamic int8
     export_entry(ckpt, tmp_path / "store", "old", formats=["int8"], int8_scheme="dynamic")
     entry = tmp_path / "store" / "old" / "1"
     images, _ = random_batch(model.cfg, 5, seed=6)

@@ -5,10 +5,18 @@ import math
 import pytest
 import torch
 
-from limoe.config import get_config
-from limoe.losses import (auxiliary_losses, contrastive_loss, entropy, global_entropy_loss,
-                          importance_loss, limoe_loss, load_loss, local_entropy_loss)
-from limoe.model import LIMoE
+from limoe.model.config import get_config
+from limoe.model.losses import (
+    auxiliary_losses,
+    contrastive_loss,
+    entropy,
+    global_entropy_loss,
+    importance_loss,
+    limoe_loss,
+    load_loss,
+    local_entropy_loss,
+)
+from limoe.model.transformer import LIMoE
 
 LN2, LN4 = math.log(2), math.log(4)
 

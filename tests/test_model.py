@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import random_batch
-from limoe.config import PRESETS, LIMoEConfig, dense_counterpart, get_config, moe_layer_ids
-from limoe.losses import limoe_loss
-from limoe.model import MLP, LIMoE
-from limoe.moe import MoELayer
+
+from limoe.model.config import PRESETS, LIMoEConfig, dense_counterpart, get_config, moe_layer_ids
+from limoe.model.losses import limoe_loss
+from limoe.model.moe import MoELayer
+from limoe.model.transformer import MLP, LIMoE
 
 
 def test_moe_placement():

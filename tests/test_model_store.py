@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from limoe.encoders import MoEInfo
-from limoe.model_store import (FileRecord, ModelStore, ModelStoreError, check_identifier, file_record, read_manifest,
-                               verify)
-from limoe.preprocess import PreprocessConfig
+from limoe.runtime.model_store import (
+    FileRecord,
+    ModelStore,
+    ModelStoreError,
+    MoEInfo,
+    check_identifier,
+    file_record,
+    read_manifest,
+    verify,
+)
+from limoe.runtime.preprocess import PreprocessConfig
 
 SHIPPED = Path(__file__).resolve().parent.parent / "model_store"
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from limoe.model import MLP
-from limoe.moe import MoELayer, examples_per_group
+from limoe.model.moe import MoELayer, examples_per_group
+from limoe.model.transformer import MLP
 
 
 def _identical_experts(renormalize: bool, E: int = 4, D: int = 8, H: int = 16):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from limoe.preprocess import ImageError, PreprocessConfig, open_image, preprocess_image, to_rgb
+from limoe.runtime.preprocess import ImageError, PreprocessConfig, open_image, preprocess_image, to_rgb
 
 CFG = PreprocessConfig(image_size=16, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
 
@@ -102,7 +102,7 @@ def test_decode_image_is_the_one_decoding_of_server_and_offline_classifier():
 
     from PIL import Image
 
-    from limoe.preprocess import ImageError, ImageTooLargeError, PreprocessConfig, decode_image
+    from limoe.runtime.preprocess import ImageError, ImageTooLargeError, PreprocessConfig, decode_image
 
     cfg = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     buf = io.BytesIO()

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CAPTIONS, random_batch
-from limoe.checkpoint import load_checkpoint, read_metadata, read_tokenizer, save_checkpoint
+
 from limoe.cli import main
-from limoe.config import get_config
-from limoe.export import export_entry
-from limoe.model import LIMoE
-from limoe.onnx_encoder import OnnxEncoders
-from limoe.recover import recover_checkpoint, recover_model
-from limoe.tokenizer import Tokenizer
+from limoe.export.exporter import export_entry
+from limoe.export.recover import recover_checkpoint, recover_model
+from limoe.model.checkpoint import load_checkpoint, read_metadata, read_tokenizer, save_checkpoint
+from limoe.model.config import get_config
+from limoe.model.transformer import LIMoE
+from limoe.runtime.onnx_encoder import OnnxEncoders
+from limoe.runtime.tokenizer import Tokenizer
 
 SHIPPED = Path(__file__).resolve().parent.parent / "model_store"
 TRAINING = {"step": 7, "train": {"steps": 7, "batch_size": 8, "lr": 0.001, "warmup_steps": 1, "seed": 0},
@@ -96,12 +96,12 @@ def test_the_rebuilt_model_answers_as_the_graphs_do(trained):
 def test_entries_of_the_old_exporter_are_recovered(trained, tmp_path, monkeypatch):
     """The shipped default's kind of graphs: dynamic int8 (one scale per tensor, MatMulInteger,
     the token table quantised too) whose activation scales were later frozen."""
-    import limoe.export
-    from limoe.quantize import SCHEMES
+    import limoe.export.exporter
+    from limoe.export.quantize import SCHEMES
 
     model, entries = trained
     ckpt = entries.parent.parent / "model.safetensors"
-    monkeypatch.setattr(limoe.export, "EXPORT_SCHEMES", SCHEMES)
+    monkeypatch.setattr(limoe.export.exporter, "EXPORT_SCHEMES", SCHEMES)
     export_entry(ckpt, tmp_path / "store", "old", formats=["int8"], int8_scheme="dynamic")
     assert main(["freeze-int8", str(tmp_path / "store" / "old" / "1")]) == 0
     rebuilt, _, _ = recover_model(tmp_path / "store" / "old" / "1")
@@ -159,10 +159,10 @@ def test_recover_refuses_what_it_cannot_tell_apart(tmp_path, capsys):
 def test_a_wrong_match_cannot_pass_silently(trained, tmp_path, monkeypatch):
     """Were two same-shaped weights matched the wrong way round (block 0's query and output
     projections here), the rebuilt model would disagree with the graphs, and nothing is written."""
-    import limoe.recover
+    import limoe.export.recover
 
     _, entries = trained
-    right = limoe.recover.graph_state
+    right = limoe.export.recover.graph_state
 
     def swapped(path, model):
         state = right(path, model)
@@ -171,7 +171,7 @@ def test_a_wrong_match_cannot_pass_silently(trained, tmp_path, monkeypatch):
                 state["blocks.0.attn.proj.weight"], state["blocks.0.attn.q.weight"])
         return state
 
-    monkeypatch.setattr(limoe.recover, "graph_state", swapped)
+    monkeypatch.setattr(limoe.export.recover, "graph_state", swapped)
     with pytest.raises(ValueError, match="does not match the graphs"):
         recover_checkpoint(entries / "1", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from limoe.routing import combine, dispatch, expert_capacity, route, route_dropless
+from limoe.model.routing import combine, dispatch, expert_capacity, route, route_dropless
 
 
 def _logits(probs):

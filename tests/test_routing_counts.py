@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from limoe.routing_counts import expert_counts
+from limoe.runtime.routing_counts import expert_counts
 
 
 def test_counts_per_layer_and_expert_skip_padding_and_split_dropped():

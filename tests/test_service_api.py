@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from servers import uvicorn_thread
+
 from service.app import create_app
 from service.backends import FakeBackend
 from service.settings import Settings
@@ -77,8 +77,8 @@ def test_multipart_and_json_agree_and_top_k(server):
 def test_scores_are_softmax_of_scaled_cosines(server):
     # Recompute from the fake encoders: softmax(logit_scale * image . ensemble(labels)).
     base, fake = server
-    from limoe.preprocess import open_image, preprocess_image
-    from limoe.zeroshot import build_zero_shot_classifier, softmax
+    from limoe.runtime.preprocess import open_image, preprocess_image
+    from limoe.runtime.zeroshot import build_zero_shot_classifier, softmax
 
     templates = ["{}", "a photo of a {}."]
     img = fake.encode_images(preprocess_image(open_image(png((10, 200, 30))), fake.preprocess)[None]).embeddings[0]
@@ -302,8 +302,8 @@ def test_the_engine_answers_in_arrays():
     and its routing; the adapters sort and shape. Checked against the fake encoders directly."""
     import asyncio
 
-    from limoe.preprocess import open_image, preprocess_image
-    from limoe.zeroshot import build_zero_shot_classifier, softmax
+    from limoe.runtime.preprocess import open_image, preprocess_image
+    from limoe.runtime.zeroshot import build_zero_shot_classifier, softmax
     from service.engine import Engine
     from service.metrics import Metrics
 

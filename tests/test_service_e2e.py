@@ -14,13 +14,13 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
-from limoe.model_store import ModelStore
-from limoe.onnx_encoder import OnnxEncoders
-from limoe.preprocess import open_image, preprocess_image
-from limoe.zeroshot import build_zero_shot_classifier, softmax
 from servers import ROOT, free_port, serve_fails, serve_process
 from tools import BLOCK_TORCH
+
+from limoe.runtime.model_store import ModelStore
+from limoe.runtime.onnx_encoder import OnnxEncoders
+from limoe.runtime.preprocess import open_image, preprocess_image
+from limoe.runtime.zeroshot import build_zero_shot_classifier, softmax
 
 LABELS = ["red circle", "blue square", "green triangle"]
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 
-from limoe.encoders import batch_independence
-from limoe.model_store import ModelStore
-from limoe.onnx_encoder import OnnxEncoders, OnnxGraph
-from limoe.tokenizer import Tokenizer
+from limoe.runtime.encoders import batch_independence
+from limoe.runtime.model_store import ModelStore
+from limoe.runtime.onnx_encoder import OnnxEncoders, OnnxGraph
+from limoe.runtime.tokenizer import Tokenizer
 
 STORE = Path(__file__).resolve().parent.parent / "model_store"
 

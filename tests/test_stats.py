@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from limoe.config import PRESETS, get_config
-from limoe.model import LIMoE
-from limoe.stats import flops_per_example, model_stats
+from limoe.model.config import PRESETS, get_config
+from limoe.model.stats import flops_per_example, model_stats
+from limoe.model.transformer import LIMoE
 
 
 def _math_sdpa(q, k, v, attn_mask=None, **_):

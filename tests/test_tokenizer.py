@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from limoe.tokenizer import Tokenizer
+from limoe.runtime.tokenizer import Tokenizer
 
 CAPTIONS = ["grinning face", "red apple", "a photo of a red apple", "smiling face with heart eyes",
             "green apple", "a cat face", "dog face", "thumbs up sign"] * 20

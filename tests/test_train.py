@@ -9,15 +9,23 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-
 from servers import free_port
-from limoe.checkpoint import load_checkpoint, read_tokenizer
-from limoe.config import get_config
-from limoe.model import LIMoE
-from limoe.tokenizer import Tokenizer
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.train import (StepSampler, TrainConfig, equal_text_positives, learning_rate, load_batch, make_optimizer, train,
-                         training_texts)
+
+from limoe.model.checkpoint import load_checkpoint, read_tokenizer
+from limoe.model.config import get_config
+from limoe.model.transformer import LIMoE
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.tokenizer import Tokenizer
+from limoe.train.trainer import (
+    StepSampler,
+    TrainConfig,
+    equal_text_positives,
+    learning_rate,
+    load_batch,
+    make_optimizer,
+    train,
+    training_texts,
+)
 
 COLORS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
@@ -134,8 +142,8 @@ DDP_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     from test_train import ColorSquares, tokenizer
-    from limoe.config import get_config
-    from limoe.train import TrainConfig, train
+    from limoe.model.config import get_config
+    from limoe.train.trainer import TrainConfig, train
 
     cfg = get_config("tiny")
     model = train(cfg, TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=1), ColorSquares(),
@@ -180,8 +188,8 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     assert 0 <= held["top1"] <= held["top5"] <= 1 and 2 <= held["classes"] <= 8  # the 8 held-out pairs
     assert (tmp_path / "plots" / "expert_usage.png").exists() and (tmp_path / "plots" / "routing_maps.png").exists()
     # the results travel with the model: checkpoint metadata, then the exported manifest
-    from limoe.checkpoint import read_metadata
-    from limoe.model_store import read_manifest
+    from limoe.model.checkpoint import read_metadata
+    from limoe.runtime.model_store import read_manifest
 
     assert read_metadata(out / "model.safetensors")[1]["eval"]["zero_shot"] == results["zero_shot"]
     assert main(["export", str(out / "model.safetensors"), "--name", "t", "--store", str(tmp_path / "store"),
@@ -190,7 +198,7 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
     assert read_manifest(entry).templates == ("{}", "a picture of {}")  # the service's default prompts
     assert read_manifest(entry).data["evaluation"]["zero_shot"] == results["zero_shot"]
     assert main(["eval", str(entry), "--cache", str(tmp_path / "cache"), "--limit", "50"]) == 0
-    from limoe.model_store import verify
+    from limoe.runtime.model_store import verify
 
     m = verify(entry)  # the re-rendered model card's checksum was updated too, and the plots are listed
     assert m.file("plot_expert_usage").name == "expert_usage.png" and m.has("plot_routing_maps")
@@ -206,9 +214,9 @@ def test_cli_train_then_eval_on_prepared_scenes(tmp_path, capsys):
 def test_fine_tuning_starts_from_the_checkpoint_with_its_vocabulary(tmp_path, capsys):
     """`limoe train --init CKPT`: the checkpoint's weights, config and tokenizer, with `--set`
     changing its training fields. At learning rate 0 the weights stay exactly the checkpoint's."""
-    from limoe.checkpoint import read_metadata, save_checkpoint
     from limoe.cli import main
     from limoe.data.scenes import prepare_scenes
+    from limoe.model.checkpoint import read_metadata, save_checkpoint
 
     prepare_scenes(tmp_path / "cache", count=100)
     cfg = get_config("tiny", depth=3, moe_layers="1")

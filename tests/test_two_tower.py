@@ -10,16 +10,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import CAPTIONS, random_batch
-from limoe.checkpoint import load_checkpoint, save_checkpoint
-from limoe.cli import main
-from limoe.config import LIMoEConfig, dense_counterpart, get_config, two_tower_counterpart
-from limoe.model import LIMoE, TwoTower, build_model
-from limoe.stats import model_stats
-from limoe.tokenizer import Tokenizer
+from PIL import Image
 from servers import serve_process
+
+from limoe.cli import main
+from limoe.model.checkpoint import load_checkpoint, save_checkpoint
+from limoe.model.config import LIMoEConfig, dense_counterpart, get_config, two_tower_counterpart
+from limoe.model.stats import model_stats
+from limoe.model.transformer import LIMoE, TwoTower, build_model
+from limoe.runtime.tokenizer import Tokenizer
 
 LABELS = ["red circle", "blue square", "cat"]
 
@@ -135,8 +135,8 @@ def entry(tmp_path_factory):
 
 
 def test_the_entry_has_both_graphs_and_no_routing(entry):
-    from limoe.model_store import ModelStore
-    from limoe.onnx_encoder import OnnxEncoders
+    from limoe.runtime.model_store import ModelStore
+    from limoe.runtime.onnx_encoder import OnnxEncoders
 
     model, tok, path = entry
     loaded = ModelStore(path.parent.parent).load("tt")
@@ -155,7 +155,7 @@ def test_the_entry_has_both_graphs_and_no_routing(entry):
 
 def test_the_model_card_reproduces_a_trained_baseline():
     """A recorded run of a preset's baseline is rebuilt with the same flag it was trained with."""
-    from limoe.model_card import render_model_card
+    from limoe.export.model_card import render_model_card
 
     training = {"step": 10, "train": {"steps": 10, "batch_size": 8, "lr": 0.001, "warmup_steps": 1, "seed": 0},
                 "data": "scenes"}

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_batch
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.tokenizer import Tokenizer
-from limoe.zeroshot import build_zero_shot_classifier, ensemble, fill_templates
+
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.tokenizer import Tokenizer
+from limoe.runtime.zeroshot import build_zero_shot_classifier, ensemble, fill_templates
 
 
 def test_ensemble_normalises_averages_and_renormalises():

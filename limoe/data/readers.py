@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image
 
 from limoe.data.format import INDEX_NAME, META_NAME, SPLITS, iter_jsonl, split_for, validate_item
-from limoe.preprocess import FORMATS, ImageError, open_image
+from limoe.runtime.preprocess import FORMATS, ImageError, open_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CSV_IMAGE_KEYS = ("image", "filepath", "file", "path", "img")

@@ -5,13 +5,13 @@
                "style": str, "index": int}
 
 A map-style Dataset: random access (`ds[i]`, `len(ds)`) is what deterministic, resumable
-training needs. The trainer's step sampler (limoe.train.StepSampler, the one sampler) draws the
+training needs. The trainer's step sampler (limoe.train.trainer.StepSampler, the one sampler) draws the
 indices of step s from (seed, s) and `ds.sample_weights` (per item: source weight / source size,
 so sources are drawn in proportion to their mix weights); torch's DistributedSampler works on it
 unchanged.
 
 Everything is a pure function of the seed: caption choice included.
-Images go through limoe.preprocess (open_image, preprocess_image) exactly as at serving time.
+Images go through limoe.runtime.preprocess (open_image, preprocess_image) exactly as at serving time.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from limoe.config import get_config
 from limoe.data.format import SPLITS, default_cache_dir
 from limoe.data.readers import describe_ref, load_source, read_ref
-from limoe.preprocess import ImageError, PreprocessConfig, open_image, preprocess_image
+from limoe.model.config import get_config
+from limoe.runtime.preprocess import ImageError, PreprocessConfig, open_image, preprocess_image
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class MixDataset(Dataset):
         return out
 
     def load_image(self, i: int):
-        """The decoded Pillow image of item i (raises limoe.preprocess.ImageError)."""
+        """The decoded Pillow image of item i (raises limoe.runtime.preprocess.ImageError)."""
         return open_image(read_ref(self.items[i]["ref"]))
 
     def _pixels(self, i: int) -> tuple[int, np.ndarray]:
@@ -199,7 +199,7 @@ class MixDataset(Dataset):
     @property
     def sample_weights(self) -> np.ndarray:
         """Per-item probabilities (summing to 1) under which each source is drawn in proportion
-        to its mix weight, uniformly within the source (what limoe.train.StepSampler uses)."""
+        to its mix weight, uniformly within the source (what limoe.train.trainer.StepSampler uses)."""
         w = np.zeros(len(self.items), np.float64)
         active = [s for s in self.sources if s.size and s.weight > 0]
         total = sum(s.weight for s in active)

@@ -1,6 +1,6 @@
 """Run a verified model-store entry with ONNX Runtime. Torch-free (numpy, onnxruntime).
 
-    enc = OnnxEncoders.from_store("model_store", "limoe-small")     # an encoder pair (limoe.encoders)
+    enc = OnnxEncoders.from_store("model_store", "limoe-small")     # an encoder pair (limoe.runtime.encoders)
     out = enc.encode_images(pixels)                                 # (B, 3, R, R) float32, preprocessed
     out = enc.encode_tokens(enc.tokenizer.encode(["a red circle"]))
     out.embeddings, out.expert_index, out.dropped
@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from limoe.encoders import EncoderOutput
-from limoe.model_store import Manifest, ModelStore, ModelStoreError, verify
-from limoe.tokenizer import Tokenizer
+from limoe.runtime.encoders import EncoderOutput
+from limoe.runtime.model_store import Manifest, ModelStore, ModelStoreError, verify
+from limoe.runtime.tokenizer import Tokenizer
 
 
 def graph_suffix(manifest: Manifest, quantized: bool | None) -> str:
@@ -52,7 +52,7 @@ class OnnxGraph:
 
 
 class OnnxEncoders:
-    """A store entry's ONNX graphs as an encoder pair (limoe.encoders.Encoders)."""
+    """A store entry's ONNX graphs as an encoder pair (limoe.runtime.encoders.Encoders)."""
 
     def __init__(self, manifest: Manifest, providers: Sequence | None = None,
                  threads: int | None = None, quantized: bool | None = None, spinning: bool = True):
@@ -101,7 +101,7 @@ class OnnxEncoders:
         return self.providers[0] + (" (int8)" if self.quantized else "")
 
     def encode_images(self, pixels: np.ndarray) -> EncoderOutput:
-        """(B, 3, R, R) float32 preprocessed images (see limoe.preprocess)."""
+        """(B, 3, R, R) float32 preprocessed images (see limoe.runtime.preprocess)."""
         return self.image(pixels)
 
     def encode_tokens(self, ids: np.ndarray) -> EncoderOutput:

@@ -10,6 +10,7 @@ another format version or with a malformed field. Names and versions must be pla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from limoe.encoders import MoEInfo
-from limoe.preprocess import PreprocessConfig
+from limoe.runtime.preprocess import PreprocessConfig
 
 
 def default_store() -> Path:
@@ -28,8 +28,53 @@ def default_store() -> Path:
     (LIMOE_MODEL_STORE, service.settings) and `limoe classify`'s."""
     if os.environ.get("LIMOE_MODEL_STORE"):
         return Path(os.environ["LIMOE_MODEL_STORE"])
-    repo = Path(__file__).resolve().parent.parent / "model_store"
+    repo = Path(__file__).resolve().parents[2] / "model_store"
     return repo if repo.is_dir() else Path("model_store")
+
+@dataclass(frozen=True)
+class MoEInfo:
+    """How the encoders route, and so what their routing outputs mean."""
+
+    layers: tuple[int, ...]  # the MoE blocks' indices: M = len(layers); () for a dense model
+    num_experts: int  # E
+    top_k: int  # K, experts per token
+    inference_routing: str = "capacity"  # "dropless" or "capacity" (entries older than dropless have no field)
+    onnx_op: str = "standard"  # the ONNX graphs' MoE layers: "standard" ops or ORT's "fused" MoE op
+    eval_capacity_factor: float = 1.0  # capacity per expert with "capacity" routing
+    batch_priority: bool = True  # Batch Priority Routing with "capacity" routing
+
+    @classmethod
+    def from_config(cls, cfg, onnx_op: str = "standard") -> "MoEInfo":
+        return cls(tuple(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, cfg.inference_routing, onnx_op,
+                   cfg.eval_capacity_factor, cfg.batch_priority)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MoEInfo":
+        """The manifest's `moe` object; raises ValueError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in ("layers", "num_experts", "top_k") if k not in d]
+        if missing:
+            raise ValueError(f"has no {', '.join(map(repr, missing))}")
+        m = cls(**{k: v for k, v in d.items() if k in known})
+        if not isinstance(m.layers, (list, tuple)) or not all(_is_int(x) and x >= 0 for x in m.layers):
+            raise ValueError(f"'layers' must be a list of block indices, not {m.layers!r}")
+        if not _is_int(m.num_experts) or not _is_int(m.top_k) or not 1 <= m.top_k <= max(1, m.num_experts):
+            raise ValueError(f"'num_experts' {m.num_experts!r} and 'top_k' {m.top_k!r} must be integers, "
+                             "1 <= top_k <= num_experts")
+        if m.inference_routing not in ("dropless", "capacity") or m.onnx_op not in ("standard", "fused"):
+            raise ValueError(f"unknown 'inference_routing' {m.inference_routing!r} or 'onnx_op' {m.onnx_op!r}")
+        return dataclasses.replace(m, layers=tuple(m.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 
 FORMAT = "limoe-model-store/1"
 MANIFEST = "manifest.json"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from limoe.templates import DEFAULT_TEMPLATES
+from limoe.runtime.templates import DEFAULT_TEMPLATES
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -66,7 +66,7 @@ def _plots(roles: dict[str, str]) -> list[str]:
 
 def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> list[str]:
     """The commands that rebuild this entry from its recorded training run."""
-    from limoe.config import PRESETS, LIMoEConfig, dense_counterpart, two_tower_counterpart
+    from limoe.model.config import PRESETS, LIMoEConfig, dense_counterpart, two_tower_counterpart
 
     if not training or "train" not in training:
         return []

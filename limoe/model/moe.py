@@ -1,6 +1,6 @@
 """The sparse MoE layer: float32 router -> routing plan -> stacked experts -> combine.
 
-Shape letters as in `limoe.routing`: B batch, T tokens per example, G groups, S tokens per
+Shape letters as in `limoe.model.routing`: B batch, T tokens per example, G groups, S tokens per
 group, E experts, C capacity, K choices per token, D width, H expert hidden width.
 """
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from limoe.routing import RoutingPlan, combine, dispatch, expert_capacity, route, route_dropless
+from limoe.model.routing import RoutingPlan, combine, dispatch, expert_capacity, route, route_dropless
 
 INFERENCE_ROUTING = ("dropless", "capacity")
 

@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from limoe.checkpoint import load_checkpoint, save_checkpoint
-from limoe.config import LIMoEConfig
-from limoe.losses import limoe_loss
-from limoe.model import LIMoE, build_model
-from limoe.moe import RoutingInfo
-from limoe.routing_counts import expert_counts
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.tokenizer import Tokenizer
+from limoe.model.checkpoint import load_checkpoint, save_checkpoint
+from limoe.model.config import LIMoEConfig
+from limoe.model.losses import limoe_loss
+from limoe.model.moe import RoutingInfo
+from limoe.model.transformer import LIMoE, build_model
+from limoe.runtime.routing_counts import expert_counts
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.tokenizer import Tokenizer
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TrainConfig:
     log_every: int = 1  # steps between JSONL log lines
     num_workers: int = 0  # threads decoding examples for a batch (0 = inline)
     # Text side of the recipe. With probability template_prob a pair's text is a random prompt
-    # template (limoe.templates.DEFAULT_TEMPLATES, the ones zero-shot classification averages)
+    # template (limoe.runtime.templates.DEFAULT_TEMPLATES, the ones zero-shot classification averages)
     # filled with the item's label, instead of one of its captions: the model then reads the
     # prompts it is queried with. multi_positive: pairs that show the same text are positives of
     # each other in the contrastive loss (equal_text_positives).

@@ -13,28 +13,25 @@ pair, numpy in and numpy out:
 with M = len(moe.layers) MoE layers, T tokens (patches or text positions), K = moe.top_k. Texts
 are tokenised with the pair's own `tokenizer`, images preprocessed with its `preprocess`.
 
-Implementations: `limoe.onnx_encoder.OnnxEncoders` (a store entry's ONNX graphs, no torch),
-`TorchEncoders` here (a checkpoint's model, or a store entry's TorchScript file; torch is imported
-only when one is built) and the service's `FakeBackend`. The torch model itself keeps open_clip's
+Implementations: `limoe.runtime.onnx_encoder.OnnxEncoders` (a store entry's ONNX graphs, no torch),
+`TorchEncoders` here (a store entry's TorchScript file, or a checkpoint's model through
+`limoe.export.torch_encoders`; torch is imported only when one is built) and the service's
+`FakeBackend`. `MoEInfo`, what the routing outputs mean, is the manifest's (limoe.runtime.model_store). The torch model itself keeps open_clip's
 single-item names (`LIMoE.encode_image`, `encode_text`: embeddings only), and so do the methods of
 the TorchScript file, whose names are part of the store format.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
-from limoe.preprocess import PreprocessConfig
-from limoe.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from limoe.model_store import Manifest
+from limoe.runtime.model_store import Manifest, MoEInfo
+from limoe.runtime.preprocess import PreprocessConfig
+from limoe.runtime.tokenizer import Tokenizer
 
 
 class EncoderOutput(NamedTuple):
@@ -44,50 +41,6 @@ class EncoderOutput(NamedTuple):
 
 
 Encode = Callable[[np.ndarray], EncoderOutput]
-
-
-@dataclass(frozen=True)
-class MoEInfo:
-    """How the encoders route, and so what their routing outputs mean."""
-
-    layers: tuple[int, ...]  # the MoE blocks' indices: M = len(layers); () for a dense model
-    num_experts: int  # E
-    top_k: int  # K, experts per token
-    inference_routing: str = "capacity"  # "dropless" or "capacity" (entries older than dropless have no field)
-    onnx_op: str = "standard"  # the ONNX graphs' MoE layers: "standard" ops or ORT's "fused" MoE op
-    eval_capacity_factor: float = 1.0  # capacity per expert with "capacity" routing
-    batch_priority: bool = True  # Batch Priority Routing with "capacity" routing
-
-    @classmethod
-    def from_config(cls, cfg, onnx_op: str = "standard") -> "MoEInfo":
-        return cls(tuple(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, cfg.inference_routing, onnx_op,
-                   cfg.eval_capacity_factor, cfg.batch_priority)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MoEInfo":
-        """The manifest's `moe` object; raises ValueError naming what is wrong."""
-        if not isinstance(d, dict):
-            raise ValueError("must be an object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = [k for k in ("layers", "num_experts", "top_k") if k not in d]
-        if missing:
-            raise ValueError(f"has no {', '.join(map(repr, missing))}")
-        m = cls(**{k: v for k, v in d.items() if k in known})
-        if not isinstance(m.layers, (list, tuple)) or not all(_is_int(x) and x >= 0 for x in m.layers):
-            raise ValueError(f"'layers' must be a list of block indices, not {m.layers!r}")
-        if not _is_int(m.num_experts) or not _is_int(m.top_k) or not 1 <= m.top_k <= max(1, m.num_experts):
-            raise ValueError(f"'num_experts' {m.num_experts!r} and 'top_k' {m.top_k!r} must be integers, "
-                             "1 <= top_k <= num_experts")
-        if m.inference_routing not in ("dropless", "capacity") or m.onnx_op not in ("standard", "fused"):
-            raise ValueError(f"unknown 'inference_routing' {m.inference_routing!r} or 'onnx_op' {m.onnx_op!r}")
-        return dataclasses.replace(m, layers=tuple(m.layers))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "layers": list(self.layers)}
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class Encoders(Protocol):
@@ -132,11 +85,12 @@ def batch_independence(encode: Encode, x: np.ndarray, batch: int = 5) -> float:
 
 
 class TorchEncoders:
-    """Torch modules as an encoder pair: a checkpoint's model (`from_checkpoint`, for evaluation)
-    or a store entry's TorchScript file (`from_entry`, the service's torch backend; fp16 on CUDA).
+    """Torch modules as an encoder pair: a store entry's TorchScript file (`from_entry`, the
+    service's torch backend; fp16 on CUDA), or a checkpoint's model (built by
+    limoe.export.torch_encoders, which holds the model code; this class needs torch only).
 
     `image` and `text` take tensors and return (embeddings, expert_index, dropped) tensors, as
-    limoe.export's ImageEncoder and TextEncoder do."""
+    limoe.export.exporter's ImageEncoder and TextEncoder do."""
 
     def __init__(self, image: Callable, text: Callable, tokenizer: Tokenizer, preprocess: PreprocessConfig,
                  moe: MoEInfo, logit_scale: float, device: str = "cpu", half: bool = False,
@@ -157,27 +111,6 @@ class TorchEncoders:
     @property
     def version(self) -> str:
         return self.manifest.version
-
-    @classmethod
-    def from_model(cls, model, tokenizer: Tokenizer) -> "TorchEncoders":
-        from limoe.export import ImageEncoder, TextEncoder, logit_scale
-
-        return cls(ImageEncoder(model).eval(), TextEncoder(model).eval(), tokenizer,
-                   PreprocessConfig.from_model_config(model.cfg), MoEInfo.from_config(model.cfg), logit_scale(model))
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **config_changes) -> "TorchEncoders":
-        """`config_changes` override inference-time fields, e.g. inference_routing="capacity",
-        eval_capacity_factor=1.0 (the weights are the checkpoint's)."""
-        from limoe.checkpoint import load_checkpoint, read_tokenizer
-
-        model, _ = load_checkpoint(path)
-        if config_changes:
-            model = model.with_config(**config_changes)
-        tokenizer = read_tokenizer(path)
-        if tokenizer is None:
-            raise ValueError(f"{path} holds no tokenizer")
-        return cls.from_model(model, tokenizer)
 
     @classmethod
     def from_entry(cls, manifest: Manifest, device: str = "auto", threads: int = 0) -> "TorchEncoders":

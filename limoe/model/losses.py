@@ -1,6 +1,6 @@
 """Training losses as pure functions: contrastive, LIMoE's entropy regularisers, classic aux.
 
-Shape letters as in `limoe.routing`: G groups, S tokens per group, E experts, N pairs, P dims.
+Shape letters as in `limoe.model.routing`: G groups, S tokens per group, E experts, N pairs, P dims.
 All entropies use the natural log. Router probabilities arrive as float32.
 """
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from limoe.config import LIMoEConfig
-from limoe.moe import RoutingInfo
+from limoe.model.config import LIMoEConfig
+from limoe.model.moe import RoutingInfo
 
 
 def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from limoe.config import LIMoEConfig
-from limoe.moe import MoELayer, RoutingInfo
+from limoe.model.config import LIMoEConfig
+from limoe.model.moe import MoELayer, RoutingInfo
 
 
 class MLP(nn.Module):
@@ -159,7 +159,7 @@ class LIMoE(nn.Module):
 
     def set_moe_op(self, op: str) -> None:
         """How dropless MoE layers are written when exported: "standard" ONNX ops or "fused"
-        (ONNX Runtime's com.microsoft.MoE, see limoe.moe.fused_moe)."""
+        (ONNX Runtime's com.microsoft.MoE, see limoe.model.moe.fused_moe)."""
         if op not in ("standard", "fused"):
             raise ValueError(f"moe op must be 'standard' or 'fused', not {op!r}")
         for m in self.modules():

@@ -59,8 +59,7 @@ def quantize(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME,
              calibration: Sequence[dict[str, np.ndarray]] = ()) -> None:
     """Write an int8 version of the fp32 graph `src` to `dst` by `scheme` (see the module doc).
     "static" needs `calibration`: a few batches of real inputs, {input name: array}."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if scheme not in SCHEMES:
         raise ValueError(f"int8 scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
@@ -73,8 +72,10 @@ def quantize(src: Path, dst: Path, scheme: str = DEFAULT_SCHEME,
                             op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
         elif scheme == "weight_only":
             import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                         MatMulNBitsQuantizer)
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
 
             config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=8)
             quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)

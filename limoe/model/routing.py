@@ -15,7 +15,7 @@ the token's top-1 probability). A choice that finds its expert full is dropped: 
 that expert, and if all its choices are dropped it passes through the residual connection only.
 
 Dropless routing (`route_dropless`, inference) makes the same top-K choices with no capacity:
-nothing is ever dropped, and `limoe.moe.dropless_experts` runs each expert on exactly the tokens
+nothing is ever dropped, and `limoe.model.moe.dropless_experts` runs each expert on exactly the tokens
 that chose it (MegaBlocks' dMoE, Tutel with capacity factor 0).
 
 Capacity routing has static shapes (argsort, cumsum, gather) so it exports to ONNX/TorchScript.

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from limoe.config import LIMoEConfig
-from limoe.routing import expert_capacity
+from limoe.model.config import LIMoEConfig
+from limoe.model.routing import expert_capacity
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def flops_per_example(cfg: LIMoEConfig, modality: str, executed: bool = False) -
 
 
 def model_stats(cfg: LIMoEConfig) -> ModelStats:
-    from limoe.model import build_model  # build on the meta device: exact counts, no memory
+    from limoe.model.transformer import build_model  # build on the meta device: exact counts, no memory
 
     with torch.device("meta"):
         model = build_model(cfg)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from limoe.tokenizer import Tokenizer
+from limoe.runtime.tokenizer import Tokenizer
 
 EncodeText = Callable[[np.ndarray], np.ndarray]  # (N, L) int64 ids -> (N, P) float embeddings
 
@@ -53,5 +53,5 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 def zero_shot_scores(image_embeddings: np.ndarray, classes: np.ndarray, logit_scale: float) -> np.ndarray:
     """Softmax over the labels of `logit_scale` x cosine similarity: (P,) or (N, P) L2-normalised
     image embeddings and the (P, C) class matrix -> (C,) or (N, C). The server (service/engine.py)
-    and the offline classifier (limoe/classify.py) both score with this, so they agree."""
+    and the offline classifier (limoe/bulk/classify.py) both score with this, so they agree."""
     return softmax(logit_scale * (image_embeddings @ classes))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from limoe.evaluate import EvalSet
+from limoe.eval.evaluate import EvalSet
 
 # name -> (source, split, filter on item fields)
 STANDARD_SETS = {
@@ -24,7 +24,7 @@ STANDARD_SETS = {
 def default_eval_sets(enc, cache: str | Path | None = None, limit: int = 2000, seed: int = 0) -> list[EvalSet]:
     """Every standard set whose source is prepared in `cache`, at most `limit` images each
     (a seeded subset, so runs compare on the same images)."""
-    from limoe.data.dataset import MixDataset
+    from limoe.train.dataset import MixDataset
 
     preprocess = enc.preprocess
     sets = []

@@ -1,14 +1,14 @@
-"""`limoe classify --ray`: the offline classifier (limoe.classify) as a Ray Data pipeline, for more
+"""`limoe classify --ray`: the offline classifier (limoe.bulk.classify) as a Ray Data pipeline, for more
 than one machine. Needs the `ray` extra (pip install 'limoe-serve[ray]').
 
     read_binary_files(image files)  +  from_items(shards).flat_map(members)    rows {path, bytes}
       -> map_batches(RayClassifier, compute=ActorPoolStrategy(size=N), num_gpus=G)   each actor opens the store entry and
                                                                  encodes the label set once, then
-                                                                 decodes and scores with limoe.classify
+                                                                 decodes and scores with limoe.bulk.classify
       -> write_parquet(out) or write_json(out)                   `out` is a folder: a file per block
 
 Decoding is ours (read_binary_files, not read_images), so rows match the single-process run's.
-The driver lists the inputs (limoe.classify.iter_sources) and the workers read them: on a cluster,
+The driver lists the inputs (limoe.bulk.classify.iter_sources) and the workers read them: on a cluster,
 inputs, the model store and `out` must be at the same path on every node (a shared filesystem), and
 limoe installed there. A file listed but gone when a worker looks gets an "unreadable" row.
 """
@@ -26,11 +26,32 @@ from typing import Any
 
 import numpy as np
 
-from limoe.classify import (MAX_BYTES, MAX_PIXELS, ClassifyError, Item, ItemError, Summary, ZeroShot, check_inputs,
-                            check_templates, decode_item, done_paths, is_index, is_shard, iter_index, iter_shard,
-                            iter_sources, jsonl, load_entry, open_encoders, output_format, read_rows, rows_table,
-                            unreadable)
-from limoe.model_store import verify
+from limoe.bulk.classify import (
+    MAX_BYTES,
+    MAX_PIXELS,
+    ClassifyError,
+    Item,
+    ItemError,
+    Summary,
+    ZeroShot,
+    check_inputs,
+    check_templates,
+    decode_item,
+    done_paths,
+    is_index,
+    is_shard,
+    iter_index,
+    iter_shard,
+    iter_sources,
+    jsonl,
+    load_entry,
+    open_encoders,
+    output_format,
+    read_rows,
+    rows_table,
+    unreadable,
+)
+from limoe.runtime.model_store import verify
 
 try:
     import ray
@@ -41,7 +62,7 @@ except ImportError:
 
 class RayClassifier:
     """The map_batches callable: one per actor. A batch {"path", "bytes"} -> a pyarrow Table of
-    limoe.classify's rows (`arrow_schema`)."""
+    limoe.bulk.classify's rows (`arrow_schema`)."""
 
     def __init__(self, entry: str, labels: Sequence[str], templates: Sequence[str] | None, top_k: int | None,
                  backend: str, device: str, quantized: bool | None, threads: int, workers: int,
@@ -63,7 +84,7 @@ class RayClassifier:
 
 
 class JsonlDatasink(BlockBasedFileDatasink):
-    """write_json's files, but written by limoe.classify.jsonl: the same lines as a single-process run's."""
+    """write_json's files, but written by limoe.bulk.classify.jsonl: the same lines as a single-process run's."""
 
     def __init__(self, path: str):
         super().__init__(path, file_format="jsonl")
@@ -100,7 +121,7 @@ def run_ray(inputs: Sequence[str], out: str | Path, labels: Sequence[str], *, te
             overwrite: bool = False, retry_errors: bool = False, max_pixels: int = MAX_PIXELS,
             max_bytes: int = MAX_BYTES, progress: bool = True, address: str | None = None, concurrency: int = 1,
             num_gpus: float = 0) -> Summary:
-    """`limoe.classify.run` on Ray: `out` (named *.parquet or *.jsonl for the format) is a folder
+    """`limoe.bulk.classify.run` on Ray: `out` (named *.parquet or *.jsonl for the format) is a folder
     of files. Joins the Ray instance this process already has, else `address` (None: $RAY_ADDRESS,
     else a new local instance). `skipped` counts the inputs the driver lists (files, index rows)
     that `out` already holds; shard members it holds are skipped by the workers, uncounted."""

@@ -6,7 +6,7 @@ Torch-free on the ONNX path (numpy, Pillow, onnxruntime; pyarrow only to write p
       -> batches of `batch_size` -> image encoder -> zero_shot_scores -> rows -> JSONL or parquet
 
 It opens the same store entry and runs the same encoders as the server, decodes with the same
-functions (limoe.preprocess) and scores with the same function (limoe.zeroshot.zero_shot_scores),
+functions (limoe.runtime.preprocess) and scores with the same function (limoe.runtime.zeroshot.zero_shot_scores),
 so an image's scores match the server's. One row per input, in input order:
 
     {"path": "photos/cat.png", "labels": [{"label": "cat", "score": 0.91}, ...]}   best first, top_k
@@ -40,10 +40,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from limoe.data.readers import CSV_IMAGE_KEYS, IMAGE_EXTS, expand_shards
-from limoe.encoders import Encoders, threads_per_pass
-from limoe.model_store import Manifest, ModelStore, default_store, verify
-from limoe.preprocess import ImageError, ImageTooLargeError, PreprocessConfig, clean_error, decode_image
-from limoe.zeroshot import build_zero_shot_classifier, zero_shot_scores
+from limoe.runtime.encoders import Encoders, threads_per_pass
+from limoe.runtime.model_store import Manifest, ModelStore, default_store, verify
+from limoe.runtime.preprocess import ImageError, ImageTooLargeError, PreprocessConfig, clean_error, decode_image
+from limoe.runtime.zeroshot import build_zero_shot_classifier, zero_shot_scores
 
 MAX_PIXELS = 40_000_000  # the server's default LIMOE_MAX_IMAGE_PIXELS: refused from the header, before decoding
 MAX_BYTES = 256 * 2 ** 20  # larger files are refused unread (image_too_large)
@@ -195,7 +195,7 @@ def iter_shard(shard: str, skip: frozenset[str] | set[str] = frozenset()) -> Ite
 def decode(ref: str | bytes, cfg: PreprocessConfig, max_pixels: int = MAX_PIXELS,
            max_bytes: int = MAX_BYTES) -> np.ndarray:
     """A file path or an image's bytes -> (3, R, R) float32, or ItemError: the server's decoding
-    (`limoe.preprocess.decode_image`, as service.engine.Engine._decode), errors and messages."""
+    (`limoe.runtime.preprocess.decode_image`, as service.engine.Engine._decode), errors and messages."""
     if isinstance(ref, str):
         try:
             size = os.stat(ref).st_size
@@ -244,14 +244,14 @@ def open_encoders(manifest: Manifest, backend: str = "onnx", device: str = "auto
     """The entry's encoder pair, as the server opens it: ONNX Runtime (torch-free; CUDA when
     `device` asks for it, or "auto" finds it) or its TorchScript file (imports torch)."""
     if backend == "torchscript":
-        from limoe.encoders import TorchEncoders
+        from limoe.runtime.encoders import TorchEncoders  # imports torch when built
 
         if not manifest.has("torchscript"):
             raise ClassifyError(f"{manifest.path} has no TorchScript file; use --backend onnx")
         return TorchEncoders.from_entry(manifest, device, threads)
     import onnxruntime as ort
 
-    from limoe.onnx_encoder import OnnxEncoders
+    from limoe.runtime.onnx_encoder import OnnxEncoders
 
     providers: list = ["CPUExecutionProvider"]
     if device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers()):

@@ -6,7 +6,7 @@ The exported encoders run in inference mode, as the config's `inference_routing`
 that chose it (per expert NonZero, Gather, the MLP, the gate, one ScatterND back: standard ONNX
 ops, unrolled over the E experts); "capacity" routes every example as its own group at the
 inference capacity factor. Either way the batch axis is dynamic and results are
-batch-independent, and so are the int8 graphs (fixed activation scales, see limoe.quantize).
+batch-independent, and so are the int8 graphs (fixed activation scales, see limoe.export.quantize).
 Each encoder returns, besides the embeddings, what its MoE layers did to every token:
 
     embeddings    (B, P)        float32, L2-normalised
@@ -36,19 +36,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import limoe
-from limoe.checkpoint import load_checkpoint, read_tokenizer
-from limoe.encoders import Encode, MoEInfo, batch_independence
-from limoe.model import LIMoE
-from limoe.model_card import render_model_card
-from limoe.model_store import FORMAT, MANIFEST, Manifest, ModelStore, check_identifier, file_record, verify
-from limoe.moe import RoutingInfo, fused_moe_onnx
-from limoe.onnx_encoder import OnnxGraph
-from limoe.preprocess import PreprocessConfig
-from limoe.quantize import DEFAULT_SCHEME, DESCRIPTIONS, EXPORT_SCHEMES, batches
-from limoe.quantize import quantize as quantize_graph
-from limoe.stats import model_stats
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.tokenizer import Tokenizer
+from limoe.export.model_card import render_model_card
+from limoe.export.quantize import DEFAULT_SCHEME, DESCRIPTIONS, EXPORT_SCHEMES, batches
+from limoe.export.quantize import quantize as quantize_graph
+from limoe.model.checkpoint import load_checkpoint, read_tokenizer
+from limoe.model.moe import RoutingInfo, fused_moe_onnx
+from limoe.model.stats import model_stats
+from limoe.model.transformer import LIMoE
+from limoe.runtime.encoders import Encode, batch_independence
+from limoe.runtime.model_store import (
+    FORMAT,
+    MANIFEST,
+    Manifest,
+    ModelStore,
+    MoEInfo,
+    check_identifier,
+    file_record,
+    verify,
+)
+from limoe.runtime.onnx_encoder import OnnxGraph
+from limoe.runtime.preprocess import PreprocessConfig
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.tokenizer import Tokenizer
 
 OUTPUTS = ("embeddings", "expert_index", "dropped")
 DEFAULT_OPSET = 18
@@ -94,7 +103,7 @@ class TextEncoder(nn.Module):
 
 class TorchScriptModule(nn.Module):
     """Both encoders in one module, for the single TorchScript file. Its method names are part of
-    the store format; limoe.encoders.TorchEncoders.from_entry runs the file as an encoder pair."""
+    the store format; limoe.runtime.encoders.TorchEncoders.from_entry runs the file as an encoder pair."""
 
     def __init__(self, model: LIMoE):
         super().__init__()
@@ -205,7 +214,7 @@ def calibration_inputs(cfg, tokenizer: Tokenizer, data: str | None = None, cache
         for i in range(count):
             tokens[i, 2 + i % (cfg.context_length - 2):] = cfg.pad_id
         return images.numpy(), tokens.numpy(), {"source": "synthetic", "count": count, "seed": seed}
-    from limoe.data.dataset import MixDataset
+    from limoe.train.dataset import MixDataset
 
     ds = MixDataset(data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=cache, seed=seed)
     rng = np.random.default_rng(seed)
@@ -289,12 +298,12 @@ def _commit_entry(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
 
 def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, cache: str | Path | None = None,
                       count: int = 256) -> Manifest:
-    """Give an existing entry's dynamic int8 graphs fixed activation scales (limoe.quantize.
+    """Give an existing entry's dynamic int8 graphs fixed activation scales (limoe.export.quantize.
     freeze_dynamic_int8), calibrated on `count` items of the training mix `calibration_data`:
     for entries exported before static int8 existed, whose checkpoint is gone. The entry is
     rebuilt beside itself and swapped in, so readers never see half of it."""
-    from limoe.config import LIMoEConfig
-    from limoe.quantize import freeze_dynamic_int8
+    from limoe.export.quantize import freeze_dynamic_int8
+    from limoe.model.config import LIMoEConfig
 
     entry = Path(entry)
     manifest = verify(entry)
@@ -353,7 +362,7 @@ def export_entry(
     `formats` picks what the entry holds (see FORMATS); `quantize="int8"` adds "int8". An entry
     of int8 graphs alone is about a quarter of the fp32 one (the shipped default is one): the
     fp32 graphs are still exported, to quantise from and to check against, then left out.
-    int8 graphs use `int8_scheme` (limoe.quantize; "static" is calibrated on `calibration_count`
+    int8 graphs use `int8_scheme` (limoe.export.quantize; "static" is calibrated on `calibration_count`
     items of the training mix `calibration_data` in `calibration_cache`, or on synthetic inputs
     when it is None). `inference_routing` ("dropless" or "capacity") overrides the checkpoint's.
     `moe_op="fused"` writes the ONNX graphs' dropless MoE layers as ONNX Runtime's

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from limoe.config import LIMoEConfig
-from limoe.model import LIMoE, build_model
-from limoe.tokenizer import Tokenizer
+from limoe.model.config import LIMoEConfig
+from limoe.model.transformer import LIMoE, build_model
+from limoe.runtime.tokenizer import Tokenizer
 
 FORMAT = "limoe-checkpoint/1"
 

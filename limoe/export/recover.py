@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from limoe.config import LIMoEConfig
-from limoe.model import LIMoE, build_model
-from limoe.model_store import Manifest, read_manifest
-from limoe.tokenizer import Tokenizer
+from limoe.model.config import LIMoEConfig
+from limoe.model.transformer import LIMoE, build_model
+from limoe.runtime.model_store import Manifest, read_manifest
+from limoe.runtime.tokenizer import Tokenizer
 
 MATMULS = ("MatMul", "MatMulInteger", "Gemm", "Conv", "ConvInteger", "Gather")
 
@@ -216,8 +216,8 @@ def recover_model(entry: str | Path) -> tuple[LIMoE, Tokenizer, Manifest]:
 def agreement_with_graphs(model: LIMoE, entry: str | Path, batch: int = 16) -> dict[str, float]:
     """Mean and least cosine between the rebuilt model's embeddings and the entry's graphs' (the
     ones it was rebuilt from), on the export's deterministic example inputs."""
-    from limoe.export import example_inputs
-    from limoe.onnx_encoder import OnnxEncoders
+    from limoe.export.exporter import example_inputs
+    from limoe.runtime.onnx_encoder import OnnxEncoders
 
     graphs = OnnxEncoders.from_entry(entry)  # fp32 graphs where the entry has them, as recover_model
     images, tokens = example_inputs(model, batch=batch)
@@ -237,7 +237,7 @@ def recover_checkpoint(entry: str | Path, out: str | Path, inference_routing: st
     """`recover_model`, checked against the graphs (mean cosine >= `min_cosine` in both
     modalities, at the entry's own routing), then saved as a checkpoint with the tokenizer and
     `inference_routing` (default: the entry's). Returns (path, agreement)."""
-    from limoe.checkpoint import save_checkpoint
+    from limoe.model.checkpoint import save_checkpoint
 
     model, tokenizer, manifest = recover_model(entry)
     agreement = agreement_with_graphs(model, entry)

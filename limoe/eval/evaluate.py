@@ -1,7 +1,7 @@
 """Evaluation: zero-shot classification, image-text retrieval and routing analysis.
 
-Everything works on an encoder pair (limoe.encoders.Encoders: numpy in, EncoderOutput out), so
-a torch checkpoint (`TorchEncoders.from_checkpoint`) and an exported store entry
+Everything works on an encoder pair (limoe.runtime.encoders.Encoders: numpy in, EncoderOutput out), so
+a torch checkpoint (`limoe.export.torch_encoders.checkpoint_encoders`) and an exported store entry
 (`OnnxEncoders.from_entry`, no torch) are evaluated by the same code.
 
 Routing analysis (the paper's Section 5): per MoE layer, each expert's share of image versus
@@ -20,10 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from limoe.encoders import Encode, EncoderOutput, Encoders
-from limoe.routing_counts import expert_counts
-from limoe.templates import DEFAULT_TEMPLATES
-from limoe.zeroshot import build_zero_shot_classifier
+from limoe.runtime.encoders import Encode, EncoderOutput, Encoders
+from limoe.runtime.routing_counts import expert_counts
+from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.runtime.zeroshot import build_zero_shot_classifier
 
 MODALITY_ONLY = 0.9  # an expert is "image-only" when >= 90% of its normalised load is image tokens
 
@@ -207,8 +207,8 @@ def record_evaluation(target: str | Path, results: dict) -> None:
     routing plots (PLOT_FILES, written next to the manifest) join its checked files and its card."""
     target = Path(target)
     if target.is_dir():
-        from limoe.model_card import render_model_card
-        from limoe.model_store import MANIFEST, file_record, read_manifest
+        from limoe.export.model_card import render_model_card
+        from limoe.runtime.model_store import MANIFEST, file_record, read_manifest
 
         manifest = read_manifest(target).data
         manifest["evaluation"] = results
@@ -225,7 +225,7 @@ def record_evaluation(target: str | Path, results: dict) -> None:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         tmp.replace(target / MANIFEST)
     else:
-        from limoe.checkpoint import load_checkpoint, read_tokenizer, save_checkpoint
+        from limoe.model.checkpoint import load_checkpoint, read_tokenizer, save_checkpoint
 
         model, extra = load_checkpoint(target)
         save_checkpoint(model, target, extra={**extra, "eval": results}, tokenizer=read_tokenizer(target))

@@ -1,0 +1,3 @@
+"""Training (torch): `trainer` (the loop, DDP under torchrun) and `dataset` (the weighted mix of
+prepared sources and users' data that it reads).
+"""
