@@ -161,8 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = two_tower_counterpart(cfg)
     data = MixDataset(args.data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=args.cache,
                       seed=args.seed, return_captions=True)
-    recipe = {k: v for k, v in (("template_prob", args.template_prob), ("multi_positive", args.multi_positive))
-              if v is not None}
+    recipe = {k: v for k, v in (("template_prob", args.template_prob), ("multi_positive", args.multi_positive),
+                                ("unmasked_steps", args.unmasked_steps)) if v is not None}
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                      seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers, **recipe)
     out = Path(args.out)
@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--multi-positive", action=argparse.BooleanOptionalAction,
                        help="pairs showing the same text are positives of each other in the contrastive loss "
                             "(default: limoe.train.trainer.TrainConfig's)")
+    train.add_argument("--unmasked-steps", type=int,
+                       help="with --set image_mask_ratio=R (FLIP): the last N steps see every patch")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="override a config field, e.g. --set aux_loss=classic --set router_noise_std=0.125")
     train.set_defaults(func=_cmd_train)

@@ -38,6 +38,14 @@ class LIMoEConfig:
     embed_dim: int = 128  # size of the shared, L2-normalised embedding space
     logit_scale_init: float = math.log(1 / 0.07)  # learned temperature, CLIP's initial value
     logit_scale_max: float = math.log(100.0)  # clamp so the temperature never explodes
+    # Contrastive loss: "softmax" (CLIP's symmetric InfoNCE) or "sigmoid" (SigLIP, Zhai et al. 2023:
+    # every image-text pair an independent binary label, with a learned bias; better at small batches).
+    contrastive_loss: str = "softmax"
+    sigmoid_logit_scale_init: float = math.log(10.0)  # SigLIP's t' = log 10 (replaces logit_scale_init)
+    logit_bias_init: float = -10.0  # SigLIP's b: starts every pair far on the negative side
+    # FLIP (Li et al. 2023): in training, each image keeps a random (1 - ratio) of its patches and the
+    # tower runs on those alone; routing, capacity and BPR see the kept tokens only. 0 = off.
+    image_mask_ratio: float = 0.0
     # --- mixture of experts -------------------------------------------------------------------
     num_experts: int = 8  # E; experts per MoE layer
     top_k: int = 1  # K; experts chosen per token
@@ -97,6 +105,10 @@ class LIMoEConfig:
             problems.append(f"aux_loss must be 'entropy', 'classic' or 'none', not {self.aux_loss!r}")
         if self.aux_loss == "classic" and self.moe_layer_ids and self.router_noise_std <= 0:
             problems.append("aux_loss='classic' needs router_noise_std > 0 (the load loss is defined by noise)")
+        if self.contrastive_loss not in ("softmax", "sigmoid"):
+            problems.append(f"contrastive_loss must be 'softmax' or 'sigmoid', not {self.contrastive_loss!r}")
+        if not 0 <= self.image_mask_ratio < 1 or round(self.num_patches * (1 - self.image_mask_ratio)) < 1:
+            problems.append(f"image_mask_ratio {self.image_mask_ratio} must be in [0, 1) and keep at least one patch")
         if self.train_group_size < 1:
             problems.append("train_group_size must be >= 1")
         if len(self.image_mean) != self.in_channels or len(self.image_std) != self.in_channels:

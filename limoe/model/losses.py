@@ -37,6 +37,24 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
             + F.cross_entropy(logits.t(), pos.t() / pos.t().sum(1, keepdim=True))) / 2
 
 
+def sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+                 positives: Tensor | None = None) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023). image_emb, text_emb: (N, P) L2-normalised.
+
+    logits_ij = exp(logit_scale) * <I_i, T_j> + logit_bias, label z_ij = +1 for a matching pair
+    (the diagonal, plus `positives` (N, N) bool when given) and -1 otherwise;
+    loss = -(1/N) sum_ij log sigmoid(z_ij * logits_ij): every pair an independent binary
+    decision, so no batch-wide normalisation (the reason it holds up at small batches).
+    """
+    logits = logit_scale.exp() * image_emb @ text_emb.t() + logit_bias  # (N, N)
+    n = logits.shape[0]
+    pos = torch.eye(n, dtype=torch.bool, device=logits.device)
+    if positives is not None:
+        pos = pos | positives.to(logits.device)
+    z = pos.to(logits.dtype) * 2 - 1  # (N, N), +1 / -1
+    return -F.logsigmoid(z * logits).sum() / n
+
+
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
     """H(p) = -sum p log p, with 0 log 0 = 0."""
     return -torch.xlogy(p, p).sum(dim)
@@ -111,9 +129,16 @@ def auxiliary_losses(routing: Sequence[RoutingInfo], modality: str, cfg: LIMoECo
 
 def limoe_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
                image_routing: Sequence[RoutingInfo], text_routing: Sequence[RoutingInfo],
-               cfg: LIMoEConfig, positives: Tensor | None = None) -> dict[str, Tensor]:
-    """All named loss terms plus their sum under "total" (`positives`: see contrastive_loss)."""
-    terms = {"contrastive": contrastive_loss(image_emb, text_emb, logit_scale, positives)}
+               cfg: LIMoEConfig, positives: Tensor | None = None,
+               logit_bias: Tensor | None = None) -> dict[str, Tensor]:
+    """All named loss terms plus their sum under "total" (`positives`: see contrastive_loss). The
+    contrastive term is cfg.contrastive_loss's: softmax InfoNCE, or the sigmoid loss with `logit_bias`."""
+    if cfg.contrastive_loss == "sigmoid":
+        if logit_bias is None:
+            raise ValueError("contrastive_loss='sigmoid' needs the model's logit_bias")
+        terms = {"contrastive": sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, positives)}
+    else:
+        terms = {"contrastive": contrastive_loss(image_emb, text_emb, logit_scale, positives)}
     terms.update(auxiliary_losses(image_routing, "image", cfg))
     terms.update(auxiliary_losses(text_routing, "text", cfg))
     terms["total"] = torch.stack(list(terms.values())).sum()

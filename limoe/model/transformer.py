@@ -98,9 +98,26 @@ class MAPHead(nn.Module):
 class LIMoEOutput:
     image_embeds: Tensor  # (B, P), L2-normalised
     text_embeds: Tensor  # (B, P), L2-normalised
-    logit_scale: Tensor  # scalar, log of the softmax temperature's inverse
+    logit_scale: Tensor  # scalar, log of the temperature's inverse
     image_routing: list[RoutingInfo]  # one entry per MoE layer
     text_routing: list[RoutingInfo]
+    logit_bias: Tensor | None = None  # scalar, the sigmoid loss's learned bias (None with softmax)
+
+
+def kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """T' = round(T * (1 - mask_ratio)): how many patches an image keeps under FLIP masking."""
+    return max(1, round(num_patches * (1 - mask_ratio)))
+
+
+def keep_patches(x: Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    """FLIP's random masking: (B, T, D) -> (B, T', D), each example keeping its own uniformly
+    random T' = kept_patches(T, mask_ratio) patches, in their original order (positions are
+    already added, so the order carries nothing). The dropped patches cost nothing downstream."""
+    B, T, D = x.shape
+    keep = kept_patches(T, mask_ratio)
+    noise = torch.rand(B, T, device=x.device, generator=generator)  # (B, T)
+    ids = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, T')
+    return x.gather(1, ids.unsqueeze(-1).expand(B, keep, D))
 
 
 def init_linear(root: nn.Module) -> None:
@@ -136,7 +153,10 @@ class LIMoE(nn.Module):
         self.text_head = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
         self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+        sigmoid = cfg.contrastive_loss == "sigmoid"
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.sigmoid_logit_scale_init if sigmoid else cfg.logit_scale_init))
+        if sigmoid:  # only then, so that softmax checkpoints keep their state dict
+            self.logit_bias = nn.Parameter(torch.tensor(cfg.logit_bias_init))
         self._init_weights()
 
     @staticmethod
@@ -181,10 +201,13 @@ class LIMoE(nn.Module):
                 routing.append(info)
         return ln_final(x), routing
 
-    def image_features(self, images: Tensor) -> tuple[Tensor, list[RoutingInfo]]:
-        """(B, 3, R, R) -> pooled (B, D) and routing of the B x num_patches image tokens."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, T, D), T = num_patches
-        x, routing = self._encode_tokens(x + self.image_pos, None, "image")
+    def image_features(self, images: Tensor, mask_ratio: float = 0.0) -> tuple[Tensor, list[RoutingInfo]]:
+        """(B, 3, R, R) -> pooled (B, D) and routing of the image tokens: all B x num_patches, or
+        with `mask_ratio` > 0 (FLIP) a random kept subset per image (see `keep_patches`)."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.image_pos  # (B, T, D), T = num_patches
+        if mask_ratio > 0:
+            x = keep_patches(x, mask_ratio)  # (B, T', D)
+        x, routing = self._encode_tokens(x, None, "image")
         return self.image_head(x), routing
 
     def text_features(self, tokens: Tensor) -> tuple[Tensor, list[RoutingInfo]]:
@@ -203,9 +226,13 @@ class LIMoE(nn.Module):
         z = self.text_proj(self.text_features(tokens)[0])  # (B, P)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def forward(self, images: Tensor, tokens: Tensor) -> LIMoEOutput:
-        """Embeddings of both modalities plus every MoE layer's routing, for training/analysis."""
-        img, img_routing = self.image_features(images)
+    def forward(self, images: Tensor, tokens: Tensor, mask_ratio: float | None = None) -> LIMoEOutput:
+        """Embeddings of both modalities plus every MoE layer's routing, for training/analysis.
+        Images are masked (FLIP) by `mask_ratio`, by default cfg.image_mask_ratio in training and
+        never in eval mode."""
+        if mask_ratio is None:
+            mask_ratio = self.cfg.image_mask_ratio if self.training else 0.0
+        img, img_routing = self.image_features(images, mask_ratio)
         txt, txt_routing = self.text_features(tokens)
         return LIMoEOutput(
             image_embeds=F.normalize(self.image_proj(img), dim=-1),
@@ -213,6 +240,7 @@ class LIMoE(nn.Module):
             logit_scale=self.logit_scale.clamp(max=self.cfg.logit_scale_max),
             image_routing=img_routing,
             text_routing=txt_routing,
+            logit_bias=getattr(self, "logit_bias", None),
         )
 
 

@@ -57,6 +57,9 @@ class TrainConfig:
     # each other in the contrastive loss (equal_text_positives).
     template_prob: float = 0.0
     multi_positive: bool = False
+    # FLIP's unmasked tuning: the last `unmasked_steps` steps see every patch (model cfg image_mask_ratio
+    # applies before them).
+    unmasked_steps: int = 0
 
 
 # -- schedule and optimizer ------------------------------------------------------------------
@@ -263,9 +266,11 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast:
-                output = ddp(pixels, tokens)
+                unmasked = step >= train_cfg.steps - train_cfg.unmasked_steps
+                output = ddp(pixels, tokens, mask_ratio=0.0 if unmasked else None)
                 terms = limoe_loss(gather(output.image_embeds.float()), gather(output.text_embeds.float()),
-                                   output.logit_scale, output.image_routing, output.text_routing, model_cfg, positives)
+                                   output.logit_scale, output.image_routing, output.text_routing, model_cfg, positives,
+                                   output.logit_bias)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
@@ -275,6 +280,8 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
             if log is not None and (done % train_cfg.log_every == 0 or done == train_cfg.steps):
                 record = {"step": done, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in terms.items()},
                           "grad_norm": round(float(grad_norm), 4), "logit_scale": round(float(output.logit_scale.detach()), 4),
+                          **({"logit_bias": round(float(output.logit_bias.detach()), 4)}
+                             if output.logit_bias is not None else {}),
                           "examples_per_s": round(train_cfg.batch_size / seconds, 2),
                           "routing": {**routing_stats(output.image_routing, "image"),
                                       **routing_stats(output.text_routing, "text")}}
