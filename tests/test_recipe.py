@@ -126,3 +126,22 @@ def test_training_with_mask_sigmoid_and_unmasked_tail(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all("logit_bias" in r and np.isfinite(r["total"]) for r in log)
     assert log[-1]["contrastive"] < log[0]["contrastive"]
+
+
+def test_the_model_card_names_the_recipe_and_reproduces_it():
+    from limoe.export.model_card import render_model_card
+
+    cfg = get_config("small", image_mask_ratio=0.5, contrastive_loss="sigmoid", train_capacity_factor=2.0)
+    train_cfg = {"steps": 100, "batch_size": 8, "lr": 0.001, "warmup_steps": 1, "seed": 0, "unmasked_steps": 10,
+                 "teacher": "all-MiniLM-L6-v2", "teacher_weight": 0.5}
+    teacher = {"attribution": "all-MiniLM-L6-v2 (Apache-2.0)", "license": "Apache-2.0", "checksum": "f" * 64,
+               "weight": 0.5, "url": "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2"}
+    moe = {"layers": list(cfg.moe_layer_ids), "num_experts": 8, "top_k": 1, "inference_routing": "dropless",
+           "batch_priority": True}
+    card = render_model_card({"name": "m", "version": "2", "config": cfg.to_dict(), "moe": moe, "roles": {}},
+                             {"step": 100, "train": train_cfg, "data": "scenes", "teacher": teacher})
+    assert ("limoe train --preset small --set contrastive_loss=sigmoid --set image_mask_ratio=0.5 "
+            "--set train_capacity_factor=2.0 --data scenes") in card
+    assert "--unmasked-steps 10 --teacher all-MiniLM-L6-v2 --teacher-weight 0.5" in card
+    assert "masked patches (FLIP): 50%" in card and "contrastive loss `sigmoid`" in card
+    assert "text teacher (training only" in card and "weights licence Apache-2.0" in card

@@ -73,16 +73,25 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
     t = training["train"]
     cfg = LIMoEConfig.from_dict(manifest["config"]).to_dict()  # fields added later take their defaults
     variants = {"": lambda c: c, " --dense": dense_counterpart, " --arch two_tower": two_tower_counterpart}
-    preset, flag = next(((n, f) for n, c in PRESETS.items() for f, make in variants.items()
-                         if make(c).to_dict() == cfg), (None, ""))
+
+    def differing(base: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in cfg.items() if base.get(k) != v}
+
+    # The preset and variant the config is closest to; the fields it changes become --set flags.
+    diff, preset, flag = min(((differing(make(c).to_dict()), n, f) for n, c in PRESETS.items()
+                              for f, make in variants.items()), key=lambda x: len(x[0]))
+    sets = "".join(f" --set {k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in diff.items())
     roles = manifest.get("roles", {})
     formats = [f for f, role in (("onnx", "image_onnx"), ("torchscript", "torchscript"), ("int8", "image_onnx_int8"))
                if role in roles]
     init = training.get("init")  # a fine-tuning run: the config and vocabulary came with the checkpoint
-    start = f"--init {shlex.quote(init['checkpoint'])}" if init else f"--preset {preset or 'PRESET'}{flag}"
+    start = f"--init {shlex.quote(init['checkpoint'])}" if init else f"--preset {preset}{flag}{sets}"
+    recipe_flags = ("template_prob", "unmasked_steps") + (("teacher", "teacher_weight") if t.get("teacher") else ())
+    recipe = "".join(f" --{k.replace('_', '-')} {t[k]}" for k in recipe_flags if t.get(k))
+    recipe += " --multi-positive" if t.get("multi_positive") else ""
     train = (f"limoe train {start} --data {training.get('data', 'MIX')} --out run "
              f"--steps {t.get('steps')} --batch-size {t.get('batch_size')} --lr {t.get('lr')} "
-             f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}")
+             f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}{recipe}")
     templates = manifest.get("templates") or list(DEFAULT_TEMPLATES)
     flags = "" if tuple(templates) == tuple(DEFAULT_TEMPLATES) else "".join(f" --template {shlex.quote(t)}"
                                                                              for t in templates)
@@ -186,6 +195,17 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
             lines.append(f"- data mix `{training['data']}`" + (
                 f": {', '.join(f'{k} {v:,} items' for k, v in training.get('sources', {}).items())}"
                 if training.get("sources") else ""))
+        recipe = [f"{k} {t[k]}" for k in ("unmasked_steps", "template_prob") if t.get(k)]
+        if cfg.get("image_mask_ratio"):
+            recipe.insert(0, f"masked patches (FLIP): {cfg['image_mask_ratio']:.0%} of each image's patches dropped")
+        if cfg.get("contrastive_loss", "softmax") != "softmax":
+            recipe.append(f"contrastive loss `{cfg['contrastive_loss']}`")
+        if recipe:
+            lines.append("- recipe: " + "; ".join(recipe))
+        if teacher := training.get("teacher"):
+            lines.append(f"- text teacher (training only; the entry holds no teacher): {teacher['attribution']}, "
+                         f"weights licence {teacher['license']}, checksum {teacher['checksum'][:16]}, loss weight "
+                         f"{teacher['weight']}; <{teacher['url']}>")
     else:
         lines.append("No training run recorded: this entry was exported from an untrained (initialised) checkpoint, "
                      "and its predictions are meaningless.")

@@ -55,6 +55,13 @@ def sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit
     return -F.logsigmoid(z * logits).sum() / n
 
 
+def distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Cosine distance to a frozen teacher, mean over the batch. student: (N, Q) the student's text
+    embedding after its learned projection into the teacher's space; teacher: (N, Q) the teacher's
+    embedding of the same texts. loss = mean_i (1 - cos(student_i, teacher_i)), in [0, 2]."""
+    return (1 - F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)).mean()
+
+
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
     """H(p) = -sum p log p, with 0 log 0 = 0."""
     return -torch.xlogy(p, p).sum(dim)

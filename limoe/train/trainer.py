@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from limoe.model.checkpoint import load_checkpoint, save_checkpoint
 from limoe.model.config import LIMoEConfig
-from limoe.model.losses import limoe_loss
+from limoe.model.losses import distillation_loss, limoe_loss
 from limoe.model.moe import RoutingInfo
 from limoe.model.transformer import LIMoE, build_model
 from limoe.runtime.routing_counts import expert_counts
@@ -60,6 +60,11 @@ class TrainConfig:
     # FLIP's unmasked tuning: the last `unmasked_steps` steps see every patch (model cfg image_mask_ratio
     # applies before them).
     unmasked_steps: int = 0
+    # The text teacher (limoe.train.teacher): "" is off, else a TEACHERS name. Its loss weight, and
+    # where its embeddings are cached ("" = $LIMOE_TEACHER_CACHE or ~/.cache/limoe/teacher).
+    teacher: str = ""
+    teacher_weight: float = 1.0
+    teacher_cache: str = ""
 
 
 # -- schedule and optimizer ------------------------------------------------------------------
@@ -131,7 +136,7 @@ def training_texts(items: Sequence[dict], template_prob: float = 0.0):
     """Every text training can show (captions, and with templates on, each label in each template),
     e.g. to train the tokenizer on."""
     for item in items:
-        yield from item["captions"]
+        yield from item.get("captions") or [item["caption"]]
         if template_prob and item.get("label"):
             yield from (t.format(item["label"]) for t in DEFAULT_TEMPLATES)
 
@@ -198,13 +203,38 @@ def gather_texts(texts: list[str]) -> list[str]:
 
 
 # -- the loop --------------------------------------------------------------------------------
+class TeacherTargets:
+    """The teacher's embedding of each training text, looked up by text (computed before step 0)."""
+
+    def __init__(self, train_cfg: TrainConfig, texts: Sequence[str], device: torch.device):
+        from limoe.train.teacher import TEACHERS, TeacherCache, load_teacher
+
+        self.teacher = load_teacher(train_cfg.teacher)
+        self.cache = TeacherCache(self.teacher, train_cfg.teacher_cache or None)
+        self.device = device
+        t0 = time.perf_counter()
+        self.cache.lookup(list(dict.fromkeys(texts)))
+        if self.cache.misses:
+            print(f"teacher {self.teacher.name}: embedded {self.cache.misses} new texts in "
+                  f"{time.perf_counter() - t0:.0f} s ({len(self.cache)} cached in {self.cache.dir})", flush=True)
+        spec = TEACHERS[train_cfg.teacher]
+        self.meta = {"name": spec.name, "package": spec.package, "license": spec.license,
+                     "package_license": spec.package_license, "url": spec.url, "attribution": spec.attribution,
+                     "checksum": self.teacher.checksum, "dim": self.teacher.dim, "weight": train_cfg.teacher_weight}
+
+    def __call__(self, texts: Sequence[str]) -> Tensor:  # (B, Q) float32
+        return torch.from_numpy(self.cache.lookup(texts).astype(np.float32)).to(self.device)
+
+
 def _save(out: Path, model: LIMoE, tokenizer: Tokenizer, opt, step: int, train_cfg: TrainConfig,
-          extra: dict | None = None) -> None:
-    """model.safetensors (weights, config, tokenizer) + train_state.pt (optimizer, step), atomically."""
+          extra: dict | None = None, head: nn.Module | None = None) -> None:
+    """model.safetensors (weights, config, tokenizer) + train_state.pt (optimizer, step, the
+    teacher's head if any), atomically."""
     save_checkpoint(model, out / "model.safetensors", tokenizer=tokenizer,
                     extra={"step": step, "train": asdict(train_cfg), **(extra or {})})
     tmp = out / "train_state.pt.tmp"
-    torch.save({"optimizer": opt.state_dict(), "step": step, "train": asdict(train_cfg)}, tmp)
+    torch.save({"optimizer": opt.state_dict(), "step": step, "train": asdict(train_cfg),
+                **({"teacher_head": head.state_dict()} if head is not None else {})}, tmp)
     tmp.replace(out / "train_state.pt")
 
 
@@ -232,12 +262,23 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
         model, _ = load_checkpoint(out / "model.safetensors")
         model_cfg = model.cfg
     model.to(device).train()
-    opt = make_optimizer(model, train_cfg)
+    targets = head = None
+    if train_cfg.teacher:
+        from limoe.train.teacher import TeacherHead
+
+        texts = list(training_texts(dataset.items, train_cfg.template_prob)) if hasattr(dataset, "items") else []
+        targets = TeacherTargets(train_cfg, texts, device)  # texts not listed are computed when first seen
+        meta = {**(meta or {}), "teacher": targets.meta}
+        head = TeacherHead(model_cfg.embed_dim, targets.teacher.dim).to(device).train()
+    opt = make_optimizer(model if head is None else nn.ModuleList([model, head]), train_cfg)
     if resume and (out / "train_state.pt").exists():
         state = torch.load(out / "train_state.pt", map_location=device, weights_only=False)
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
+        if head is not None:
+            head.load_state_dict(state["teacher_head"])
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_head = nn.parallel.DistributedDataParallel(head) if world > 1 and head is not None else head
     sampler = StepSampler(len(dataset), train_cfg.batch_size, train_cfg.seed,
                           getattr(dataset, "sample_weights", None), rank, world)
     pool = None
@@ -271,9 +312,14 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
                 terms = limoe_loss(gather(output.image_embeds.float()), gather(output.text_embeds.float()),
                                    output.logit_scale, output.image_routing, output.text_routing, model_cfg, positives,
                                    output.logit_bias)
+                if targets is not None:
+                    terms["teacher"] = train_cfg.teacher_weight * distillation_loss(
+                        ddp_head(output.text_embeds.float()), targets(batch.texts))
+                    terms["total"] = terms["total"] + terms["teacher"]
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
+            params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip or float("inf"))
             opt.step()
             seconds = time.perf_counter() - t0
             done = step + 1
@@ -291,7 +337,7 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", lr=f"{lr:.2e}")
             if rank == 0 and (done % train_cfg.checkpoint_every == 0 or done in (train_cfg.steps, end)):
-                _save(out, model, tokenizer, opt, done, train_cfg, meta)
+                _save(out, model, tokenizer, opt, done, train_cfg, meta, head)
     finally:
         if bar is not None:
             bar.close()
