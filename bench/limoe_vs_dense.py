@@ -5,6 +5,7 @@ with no auxiliary loss, each trained with several seeds.
 
     python bench/limoe_vs_dense.py --cache DATA --seeds 3 --steps 300 --batch-size 64 \\
         [--preset small] [--set width=128 ...] [--out runs/compare] [--json docs/results/limoe_vs_dense.json]
+        [--set image_mask_ratio=0.5 --unmasked-steps N --teacher all-MiniLM-L6-v2]   # the recipe, every variant
 
 Seed s changes the initialisation and the batch draw; every variant runs the same seed list, so
 seed s of every variant sees exactly the same batches. Each run is evaluated (`limoe.eval.evaluate`)
@@ -202,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (for resuming)")
     p.add_argument("--limit", type=int, default=1000, help="images per evaluation set")
+    p.add_argument("--unmasked-steps", type=int, default=0,
+                   help="with --set image_mask_ratio=R: the last N steps see every patch (as limoe train)")
+    p.add_argument("--teacher", default="", help="text teacher for every variant, e.g. all-MiniLM-L6-v2 (as limoe train)")
+    p.add_argument("--teacher-weight", type=float, default=1.0)
     p.add_argument("--out", default="runs/compare", help="run directories: OUT/<variant>/seed<s>")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="results file (default docs/results/limoe_vs_dense.json)")
     p.add_argument("--variants", default=",".join(BY_SLUG),
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     total, done = len(seeds) * len(names), 0
     for seed in seeds:  # seed-major, so an interrupted verdict already has whole seeds
         tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                         seed=seed, checkpoint_every=args.checkpoint_every, num_workers=2)
+                         seed=seed, checkpoint_every=args.checkpoint_every, num_workers=2,
+                         unmasked_steps=args.unmasked_steps, teacher=args.teacher, teacher_weight=args.teacher_weight)
         for name in names:
             done += 1
             run_dir = Path(args.out) / VARIANTS[name][0] / f"seed{seed}"
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         "data": args.data, "sources": meta["sources"], "examples": len(data), "vocab_size": tokenizer.vocab_size,
         "seeds": seeds, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "warmup_steps": args.warmup, "eval_limit": args.limit,
+        "recipe": {"unmasked_steps": args.unmasked_steps, "teacher": args.teacher or None,
+                   "teacher_weight": args.teacher_weight if args.teacher else None},
         "eval_sets": list(variants[names[0]]["runs"][0]["sets"]),
         "wall_seconds": round(wall, 1),
         "train_seconds": round(sum(r["train_seconds"] or 0 for v in runs.values() for r in v), 1),

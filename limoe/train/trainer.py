@@ -50,6 +50,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (the last step always saves)
     log_every: int = 1  # steps between JSONL log lines
     num_workers: int = 0  # threads decoding examples for a batch (0 = inline)
+    prefetch: bool = True  # load step s + 1's batch in a background thread while step s computes
     # Text side of the recipe. With probability template_prob a pair's text is a random prompt
     # template (limoe.runtime.templates.DEFAULT_TEMPLATES, the ones zero-shot classification averages)
     # filled with the item's label, instead of one of its captions: the model then reads the
@@ -202,6 +203,31 @@ def gather_texts(texts: list[str]) -> list[str]:
     return [text for part in parts for text in part]
 
 
+# -- one step --------------------------------------------------------------------------------
+def forward_terms(model: nn.Module, pixels: Tensor, tokens: Tensor, texts: Sequence[str], model_cfg: LIMoEConfig,
+                  train_cfg: TrainConfig, positives: Tensor | None = None, targets: "TeacherTargets | None" = None,
+                  head: nn.Module | None = None, mask_ratio: float | None = None):
+    """The forward pass and every loss term of one step: (LIMoEOutput, terms with "total")."""
+    output = model(pixels, tokens, mask_ratio=mask_ratio)
+    terms = limoe_loss(gather(output.image_embeds.float()), gather(output.text_embeds.float()),
+                       output.logit_scale, output.image_routing, output.text_routing, model_cfg, positives,
+                       output.logit_bias)
+    if targets is not None:
+        terms["teacher"] = train_cfg.teacher_weight * distillation_loss(head(output.text_embeds.float()),
+                                                                        targets(texts))
+        terms["total"] = terms["total"] + terms["teacher"]
+    return output, terms
+
+
+def apply_gradients(opt: torch.optim.Optimizer, total: Tensor, params: Sequence[Tensor], grad_clip: float) -> Tensor:
+    """Backward, global-norm clipping (0 = off) and the optimizer step; the norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    opt.step()
+    return grad_norm
+
+
 # -- the loop --------------------------------------------------------------------------------
 class TeacherTargets:
     """The teacher's embedding of each training text, looked up by text (computed before step 0)."""
@@ -279,13 +305,20 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
             head.load_state_dict(state["teacher_head"])
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ddp_head = nn.parallel.DistributedDataParallel(head) if world > 1 and head is not None else head
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     sampler = StepSampler(len(dataset), train_cfg.batch_size, train_cfg.seed,
                           getattr(dataset, "sample_weights", None), rank, world)
-    pool = None
-    if train_cfg.num_workers:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(train_cfg.num_workers)
+    pool = ThreadPoolExecutor(train_cfg.num_workers) if train_cfg.num_workers else None
+    loader = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if train_cfg.prefetch else None
+
+    def batch_of(step: int):  # a pure function of the step: prefetching changes no batch
+        return load_batch(dataset, sampler.indices(step), train_cfg.seed, step, tokenizer, pool, train_cfg.template_prob)
+
+    def request(step: int):
+        return loader.submit(batch_of, step) if loader is not None and step < end else None
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     bar = None
@@ -296,11 +329,13 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
     log = open(out / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
     try:
         end = train_cfg.steps if stop_at is None else min(stop_at, train_cfg.steps)
+        pending = request(start)
         for step in range(start, end):
             t0 = time.perf_counter()
             torch.manual_seed(train_cfg.seed * 1_000_003 + step)  # router noise etc.: a function of the step
-            batch = load_batch(dataset, sampler.indices(step), train_cfg.seed, step, tokenizer, pool,
-                               train_cfg.template_prob)
+            batch = pending.result() if pending is not None else batch_of(step)
+            data_seconds = time.perf_counter() - t0  # waiting for the batch: ~0 when prefetching keeps up
+            pending = request(step + 1)
             pixels, tokens = batch.pixels.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True)
             positives = equal_text_positives(gather_texts(batch.texts)) if train_cfg.multi_positive else None
             lr = learning_rate(step, train_cfg)
@@ -308,19 +343,9 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
                 group["lr"] = lr
             with autocast:
                 unmasked = step >= train_cfg.steps - train_cfg.unmasked_steps
-                output = ddp(pixels, tokens, mask_ratio=0.0 if unmasked else None)
-                terms = limoe_loss(gather(output.image_embeds.float()), gather(output.text_embeds.float()),
-                                   output.logit_scale, output.image_routing, output.text_routing, model_cfg, positives,
-                                   output.logit_bias)
-                if targets is not None:
-                    terms["teacher"] = train_cfg.teacher_weight * distillation_loss(
-                        ddp_head(output.text_embeds.float()), targets(batch.texts))
-                    terms["total"] = terms["total"] + terms["teacher"]
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip or float("inf"))
-            opt.step()
+                output, terms = forward_terms(ddp, pixels, tokens, batch.texts, model_cfg, train_cfg, positives,
+                                              targets, ddp_head, mask_ratio=0.0 if unmasked else None)
+            grad_norm = apply_gradients(opt, terms["total"], params, train_cfg.grad_clip)
             seconds = time.perf_counter() - t0
             done = step + 1
             if log is not None and (done % train_cfg.log_every == 0 or done == train_cfg.steps):
@@ -329,6 +354,7 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
                           **({"logit_bias": round(float(output.logit_bias.detach()), 4)}
                              if output.logit_bias is not None else {}),
                           "examples_per_s": round(train_cfg.batch_size / seconds, 2),
+                          "data_wait_s": round(data_seconds, 4),
                           "routing": {**routing_stats(output.image_routing, "image"),
                                       **routing_stats(output.text_routing, "text")}}
                 log.write(json.dumps(record) + "\n")
@@ -343,6 +369,8 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
             bar.close()
         if log is not None:
             log.close()
+        if loader is not None:
+            loader.shutdown(cancel_futures=True)
         if pool is not None:
             pool.shutdown()
     if world > 1:

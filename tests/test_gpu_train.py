@@ -1,0 +1,29 @@
+"""bench/gpu_train.sh --smoke: the prepared GPU run's stages (offline data, the recipe's training,
+evaluation, the files under $OUT), on CPU in seconds, so that the script keeps working (issue 25)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_train_smoke_writes_checkpoint_scores_and_logs(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "CACHE": str(tmp_path / "data")}
+    env.pop("LIMIT_S", None)
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_train.sh"), "--smoke"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out"
+    for name in ("model.safetensors", "log.jsonl", "eval.json", "summary.json", "train.log", "eval.log", "data.log"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == summary["planned_steps"] == 4 and summary["train_exit"] == 0
+    assert "scenes/held-out colour-shape pairs" in summary["sets"]  # rendered offline, then evaluated
+    assert summary["wall_seconds"] < 60
+    assert "need the npm registry" in (out / "data.log").read_text()  # what it could not render, said
+    from limoe.model.checkpoint import read_metadata
+
+    cfg, meta = read_metadata(out / "model.safetensors")
+    assert cfg.image_mask_ratio == 0.5 and cfg.contrastive_loss == "sigmoid" and meta["train"]["unmasked_steps"] == 1
