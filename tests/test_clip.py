@@ -89,3 +89,19 @@ def test_checkpoint_wrappers_are_unwrapped(reference):
     for bad in ([1, 2], {}, {"a": 1}, {"state_dict": "x"}):
         with pytest.raises(ValueError, match="not a CLIP checkpoint"):
             unwrap_state_dict(bad)
+
+
+def test_the_tokenizer_gives_open_clips_ids():
+    from weights import texts, tokenizer_texts
+
+    from limoe.runtime.clip_tokenizer import openclip_tokenizer
+
+    ref = np.load(FIXTURE / "reference.npz")
+    tok = openclip_tokenizer()
+    assert tok.context_length == 77 and tok.cleaning == "open_clip_lower"
+    np.testing.assert_array_equal(tok.encode(texts()), ref["tokens"])
+    np.testing.assert_array_equal(tok.encode(tokenizer_texts()), ref["tokenizer_tokens"])
+    ids = tok.encode(["a photo of a cat"])[0]
+    assert ids[0] == 49406 and ids[list(ids).index(49407)] == ids.max() == 49407  # <start_of_text> ... <end_of_text>
+    long = tok.encode(["word " * 100])[0]
+    assert long[-1] == 49407 and (long != 0).all()  # truncated to 77, the end kept

@@ -7,8 +7,9 @@ Byte-level BPE has no unknown token: any Unicode label encodes.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
@@ -18,8 +19,25 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
 
 
+def clean_lower(text: str) -> str:
+    """open_clip.tokenizer._clean_lower: ftfy.fix_text, html.unescape twice, strip, whitespace runs
+    to one space, lower(). Imported CLIP entries tokenize this way (limoe.runtime.clip_tokenizer)."""
+    import ftfy  # only entries that ask for this cleaning need it
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).strip().lower()
+
+
+# Text cleaning that runs in Python before the tokenizer file's own steps, by the name a manifest records.
+CLEANERS: dict[str, Callable[[str], str]] = {"open_clip_lower": clean_lower}
+
+
 class Tokenizer:
-    def __init__(self, tokenizer: _HFTokenizer):
+    def __init__(self, tokenizer: _HFTokenizer, cleaning: str | None = None):
+        if cleaning is not None and cleaning not in CLEANERS:
+            raise ValueError(f"unknown text cleaning {cleaning!r}; known: {', '.join(CLEANERS)}")
+        self.cleaning = cleaning
+        self._clean = CLEANERS[cleaning] if cleaning else None
         self._tk = tokenizer
         padding = tokenizer.padding
         if not padding or not isinstance(padding.get("length"), int):
@@ -50,12 +68,12 @@ class Tokenizer:
         return cls(tk)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        return cls(_HFTokenizer.from_file(str(path)))
+    def load(cls, path: str | Path, cleaning: str | None = None) -> "Tokenizer":
+        return cls(_HFTokenizer.from_file(str(path)), cleaning)
 
     @classmethod
-    def from_str(cls, text: str) -> "Tokenizer":
-        return cls(_HFTokenizer.from_str(text))
+    def from_str(cls, text: str, cleaning: str | None = None) -> "Tokenizer":
+        return cls(_HFTokenizer.from_str(text), cleaning)
 
     def save(self, path: str | Path) -> None:
         self._tk.save(str(path))
@@ -71,7 +89,8 @@ class Tokenizer:
         """(N,) strings -> (N, context_length) int64 ids."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of strings; wrap a single text in a list")
-        encodings = self._tk.encode_batch(list(texts))
+        texts = [self._clean(t) for t in texts] if self._clean else list(texts)
+        encodings = self._tk.encode_batch(texts)
         return np.asarray([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.context_length)
 
     def decode(self, ids: Sequence[int]) -> str:
