@@ -105,3 +105,21 @@ def test_the_tokenizer_gives_open_clips_ids():
     assert ids[0] == 49406 and ids[list(ids).index(49407)] == ids.max() == 49407  # <start_of_text> ... <end_of_text>
     long = tok.encode(["word " * 100])[0]
     assert long[-1] == 49407 and (long != 0).all()  # truncated to 77, the end kept
+
+
+def test_resize_then_crop_gives_torchvisions_pixels():
+    from PIL import Image
+    from weights import CROP_SIZES, crop_source
+
+    from limoe.runtime.preprocess import PreprocessConfig, resize_then_crop
+
+    ref = np.load(FIXTURE / "reference.npz")["crops"]
+    for (w, h), expected in zip(CROP_SIZES, ref):
+        np.testing.assert_array_equal(np.asarray(resize_then_crop(Image.fromarray(crop_source(w, h)), 32)), expected,
+                                      err_msg=f"{w}x{h}")
+    cfg = PreprocessConfig.from_dict({"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop": "resize_crop"})
+    assert cfg.crop == "resize_crop" and cfg.to_dict()["crop"] == "resize_crop"
+    with pytest.raises(ValueError, match="'crop' 'squash' is not supported"):
+        PreprocessConfig.from_dict({"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop": "squash"})
+    # a 1 x 100,000 strip is sampled as a box, never resized whole
+    assert resize_then_crop(Image.new("RGB", (1, 100_000)), 32).size == (32, 32)

@@ -31,6 +31,10 @@ class PreprocessConfig:
     std: tuple[float, float, float]
     resample: str = "bicubic"  # one of _RESAMPLING
     background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels become this colour
+    # "center": the central square, resized (this project's models). "resize_crop": torchvision's
+    # Resize(R) then CenterCrop(R), which OpenCLIP checkpoints were trained and are evaluated with
+    # (the long side truncated to int(R * long / short), the crop offset rounded).
+    crop: str = "center"
 
     @classmethod
     def from_model_config(cls, cfg) -> "PreprocessConfig":
@@ -38,7 +42,7 @@ class PreprocessConfig:
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "resample": self.resample, "background": list(self.background), "crop": "center"}
+                "resample": self.resample, "background": list(self.background), "crop": self.crop}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -60,15 +64,15 @@ class PreprocessConfig:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"'image_size' must be a positive integer, not {size!r}")
         cfg = cls(size, triple("mean", float), triple("std", float), d.get("resample", "bicubic"),
-                  triple("background", int, (255, 255, 255)))
+                  triple("background", int, (255, 255, 255)), d.get("crop", "center"))
         if min(cfg.std) <= 0:
             raise ValueError(f"'std' must be positive, not {list(cfg.std)}")
         if cfg.resample not in _RESAMPLING:
             raise ValueError(f"'resample' must be one of {', '.join(_RESAMPLING)}, not {cfg.resample!r}")
         if not all(0 <= c <= 255 for c in cfg.background):
             raise ValueError(f"'background' must be 3 values in [0, 255], not {list(cfg.background)}")
-        if d.get("crop", "center") != "center":
-            raise ValueError(f"'crop' {d['crop']!r} is not supported (only 'center')")
+        if cfg.crop not in CROPS:
+            raise ValueError(f"'crop' {cfg.crop!r} is not supported (one of {', '.join(CROPS)})")
         return cfg
 
 
@@ -149,6 +153,25 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def resize_then_crop(img: Image.Image, size: int, resample: str = "bicubic", max_ratio: int = 16) -> Image.Image:
+    """torchvision's Resize(size) then CenterCrop(size) on a Pillow image: the shorter side becomes
+    `size`, the longer int(size * long / short), and the crop starts at round((resized - size) / 2).
+    Done literally (so the bytes are torchvision's) while the resized image's long side stays under
+    `max_ratio` x size; a longer strip is sampled as the same box of the source instead, so no huge
+    intermediate image is made (then a pixel may differ by a grey level or more)."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    if max(new_w, new_h) <= max_ratio * size:
+        return img.resize((new_w, new_h), _RESAMPLING[resample]).crop((left, top, left + size, top + size))
+    sx, sy = w / new_w, h / new_h
+    return img.resize((size, size), _RESAMPLING[resample],
+                      box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+
+
 def resize_center_crop(img: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
     """The central square (side = the shorter side), resized to size x size: the same as scaling
     the shorter side to `size` and cropping the centre, but a 1 x 1,000,000 strip never gets
@@ -157,6 +180,9 @@ def resize_center_crop(img: Image.Image, size: int, resample: str = "bicubic") -
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     return img.resize((size, size), _RESAMPLING[resample], box=(left, top, left + side, top + side))
+
+
+CROPS = {"center": resize_center_crop, "resize_crop": resize_then_crop}
 
 
 @functools.lru_cache(maxsize=16)
@@ -172,7 +198,7 @@ def normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarr
 def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """One Pillow image -> (3, R, R) float32, normalised: (x / 255 - mean) / std per channel, looked
     up in `normalise_table` (a byte has 256 values; half the time of computing it per pixel)."""
-    rgb = resize_center_crop(to_rgb(img, cfg.background), cfg.image_size, cfg.resample)
+    rgb = CROPS[cfg.crop](to_rgb(img, cfg.background), cfg.image_size, cfg.resample)
     channels = np.asarray(rgb).transpose(2, 0, 1)  # (3, R, R) uint8
     table = normalise_table(cfg.mean, cfg.std)
     x = np.empty(channels.shape, np.float32)
