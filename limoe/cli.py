@@ -121,6 +121,24 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_openclip(args: argparse.Namespace) -> int:
+    from limoe.export.openclip_import import CheckpointError, import_openclip
+    from limoe.runtime.model_store import ModelStoreError
+
+    try:
+        manifest = import_openclip(args.arch, args.checkpoint, args.name, args.license or "", store=args.store,
+                                   version=args.version, int8=not args.no_int8, calibration=args.calibration_images,
+                                   calibration_count=args.calibration_count, force=args.force)
+    except (CheckpointError, ModelStoreError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    int8 = manifest.data["quantization"].get("int8")
+    print(f"wrote {manifest.path} ({manifest.data['config']['open_clip_architecture']}, licence "
+          f"{manifest.data['license']!r}" + (f"; int8 image cosine mean {int8['image']['embedding_cosine_mean']:.5f}, "
+                                             f"text {int8['text']['embedding_cosine_mean']:.5f}" if int8 else "") + ")")
+    return 0
+
+
 DEFAULT_MIX = "emoji:2,icons:1,mnist:0.5,scenes:1"  # the shipped default's mix (docs/RESULTS.md)
 
 
@@ -360,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("--calibration-count", type=int, default=256)
     freeze.add_argument("--cache", help="data cache (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
     freeze.set_defaults(func=_cmd_freeze_int8)
+
+    imp = sub.add_parser("import", help="bring weights from elsewhere into the model store")
+    imp_sub = imp.add_subparsers(dest="source", required=True)
+    oc = imp_sub.add_parser("open-clip", help="an OpenCLIP / OpenAI CLIP checkpoint file -> a two-tower store entry "
+                                              "(ONNX fp32 and static int8), served torch-free")
+    oc.add_argument("--arch", required=True, help="open_clip's architecture name (e.g. ViT-B-32, ViT-B-32-quickgelu "
+                                                  "for OpenAI's weights) or an open_clip model config .json")
+    oc.add_argument("--checkpoint", required=True, help=".pt/.bin/.safetensors: a state dict or {'state_dict': ...}")
+    oc.add_argument("--name", required=True, help="model name in the store")
+    oc.add_argument("--license", help="who may use these weights (required; recorded in the manifest and card)")
+    oc.add_argument("--store", default="model_store")
+    oc.add_argument("--version", help="version (default: one more than the highest)")
+    oc.add_argument("--no-int8", action="store_true", help="fp32 graphs only")
+    oc.add_argument("--calibration-images", metavar="DIR", help="images to calibrate int8 on (default: synthetic)")
+    oc.add_argument("--calibration-count", type=int, default=64)
+    oc.add_argument("--force", action="store_true", help="replace an existing version")
+    oc.set_defaults(func=_cmd_import_openclip)
 
     recover = sub.add_parser("recover", help="a store entry's graphs -> a checkpoint (int8 weights dequantised), "
                                              "for entries whose checkpoint is gone")

@@ -311,7 +311,7 @@ def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, ca
     roles = data["roles"]
     if "image_onnx_int8" not in roles:
         raise ValueError(f"{entry} has no int8 graphs")
-    tokenizer = Tokenizer.load(manifest.file("tokenizer"))
+    tokenizer = manifest.tokenizer()
     cfg = LIMoEConfig.from_dict(data["config"])
     cal_images, cal_tokens, record = calibration_inputs(cfg, tokenizer, calibration_data, cache, count)
     tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"

@@ -209,7 +209,7 @@ def recover_model(entry: str | Path) -> tuple[LIMoE, Tokenizer, Manifest]:
     if missing:
         raise ValueError(f"{entry}: the graphs do not hold {', '.join(missing)}")
     model.load_state_dict(state, strict=True)
-    tokenizer = Tokenizer.load(manifest.file("tokenizer"))
+    tokenizer = manifest.tokenizer()
     return model.eval(), tokenizer, manifest
 
 

@@ -92,12 +92,36 @@ ARCHITECTURES.update({f"{name}-quickgelu": cfg.replace(quick_gelu=True) for name
                       if name != "ViT-B-32-256"})
 
 
+def from_openclip_json(d: Mapping[str, Any]) -> CLIPConfig:
+    """An open_clip model config (its model_configs/*.json: embed_dim, vision_cfg, text_cfg, quick_gelu)."""
+    try:
+        v, t = d["vision_cfg"], d["text_cfg"]
+        vw, tw = int(v["width"]), int(t["width"])
+        return CLIPConfig(embed_dim=int(d["embed_dim"]), image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
+                          vision_width=vw, vision_layers=int(v["layers"]),
+                          vision_heads=vw // int(v.get("head_width", 64)), context_length=int(t.get("context_length", 77)),
+                          vocab_size=int(t.get("vocab_size", 49408)), text_width=tw, text_layers=int(t["layers"]),
+                          text_heads=int(t.get("heads", max(1, tw // 64))), mlp_ratio=float(v.get("mlp_ratio", 4.0)),
+                          quick_gelu=bool(d.get("quick_gelu", False)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not an open_clip model config ({type(e).__name__}: {e})") from None
+
+
 def architecture(name: str) -> CLIPConfig:
+    """A known architecture by open_clip's name, or the path of an open_clip model config JSON."""
+    if name.endswith(".json"):
+        import json
+        from pathlib import Path
+
+        path = Path(name)
+        if not path.is_file():
+            raise KeyError(f"architecture file {name!r} does not exist")
+        return from_openclip_json(json.loads(path.read_text()))
     try:
         return ARCHITECTURES[name]
     except KeyError:
         raise KeyError(f"unknown architecture {name!r}; this importer knows {', '.join(sorted(ARCHITECTURES))} "
-                       "(or pass the settings as JSON)") from None
+                       "(or give the path of an open_clip model config .json)") from None
 
 
 class QuickGELU(nn.Module):
@@ -260,5 +284,5 @@ def load_openclip_state_dict(model: CLIP, sd: Mapping[str, Tensor]) -> None:
     model.load_state_dict({k: sd[k].float() for k in own}, strict=True)
 
 
-__all__ = ["CLIPConfig", "ARCHITECTURES", "architecture", "CLIP", "unwrap_state_dict", "infer_config",
+__all__ = ["CLIPConfig", "ARCHITECTURES", "architecture", "from_openclip_json", "CLIP", "unwrap_state_dict", "infer_config",
            "load_openclip_state_dict"]

@@ -24,7 +24,6 @@ the TorchScript file, whose names are part of the store format.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -125,7 +124,7 @@ class TorchEncoders:
         module = torch.jit.load(str(manifest.file("torchscript")), map_location=device).eval()
         if half:
             module = module.half()
-        return cls(module.encode_image, module.encode_text, Tokenizer.load(manifest.file("tokenizer")),
+        return cls(module.encode_image, module.encode_text, manifest.tokenizer(),
                    manifest.preprocess, manifest.moe, manifest.logit_scale, device, half, manifest)
 
     def _run(self, module: Callable, x) -> EncoderOutput:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from limoe.runtime.preprocess import PreprocessConfig
+from limoe.runtime.tokenizer import CLEANERS, Tokenizer
 
 
 def default_store() -> Path:
@@ -135,6 +136,7 @@ class Manifest:
     image_tokens: int  # T of the image encoder's routing outputs: patches per image ("graphs.image.tokens")
     roles: dict[str, str]  # role ("image_onnx", "tokenizer", ...) -> file name
     files: dict[str, FileRecord]  # every file of the entry
+    text_cleaning: str | None = None  # Python cleaning before the tokenizer file (limoe.runtime.tokenizer.CLEANERS)
 
     @classmethod
     def parse(cls, data: Any, entry: Path) -> "Manifest":
@@ -190,12 +192,19 @@ class Manifest:
             moe = MoEInfo.from_dict(data["moe"])
         except (ValueError, TypeError) as e:
             raise bad("moe", str(e)) from None
+        cleaning = data.get("text_cleaning")
+        if cleaning is not None and cleaning not in CLEANERS:
+            raise bad("text_cleaning", f"unknown cleaning {cleaning!r} (known: {', '.join(CLEANERS)})")
         image = data["graphs"].get("image") if isinstance(data["graphs"], dict) else None
         image_tokens = positive_int("graphs.image.tokens", image.get("tokens") if isinstance(image, dict) else None)
         return cls(entry, data, data["name"], data["version"], preprocess,
                    positive_int("context_length", data["context_length"]),
                    positive_int("embedding_size", data["embedding_size"]), float(logit_scale), tuple(templates),
-                   moe, image_tokens, dict(data["roles"]), files)
+                   moe, image_tokens, dict(data["roles"]), files, cleaning)
+
+    def tokenizer(self) -> Tokenizer:
+        """The entry's tokenizer, with its text cleaning."""
+        return Tokenizer.load(self.file("tokenizer"), self.text_cleaning)
 
     def file(self, key: str) -> Path:
         """Path of a file by its role, e.g. "image_onnx", "text_onnx", "tokenizer", "torchscript",

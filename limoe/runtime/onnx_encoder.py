@@ -17,7 +17,6 @@ import numpy as np
 
 from limoe.runtime.encoders import EncoderOutput
 from limoe.runtime.model_store import Manifest, ModelStore, ModelStoreError, verify
-from limoe.runtime.tokenizer import Tokenizer
 
 
 def graph_suffix(manifest: Manifest, quantized: bool | None) -> str:
@@ -79,7 +78,7 @@ class OnnxEncoders:
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise ModelStoreError(f"{path}: ONNX Runtime cannot load it ({str(e)[:200]})") from None
         self.image, self.text = graphs["image"], graphs["text"]
-        self.tokenizer = Tokenizer.load(manifest.file("tokenizer"))
+        self.tokenizer = manifest.tokenizer()
         self.preprocess, self.moe, self.logit_scale = manifest.preprocess, manifest.moe, manifest.logit_scale
 
     @classmethod

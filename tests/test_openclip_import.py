@@ -1,0 +1,113 @@
+"""`limoe import open-clip` (issue 26): a tiny OpenCLIP checkpoint (the fixture's seeded weights, in
+open_clip's training-checkpoint wrapper and as safetensors) becomes a verified two-tower entry whose
+ONNX graphs give open_clip's embeddings; every bad input is refused with a named reason and leaves
+nothing in the store."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "openclip"
+ARCH = str(FIXTURE / "configs" / "limoe-tiny-clip.json")
+sys.path.insert(0, str(FIXTURE))
+from weights import images, texts, weights  # noqa: E402
+
+
+def _state_dict():
+    meta = json.loads((FIXTURE / "reference.json").read_text())
+    return {k: torch.from_numpy(v) for k, v in weights({k: tuple(s) for k, s in meta["keys"].items()}).items()}
+
+
+def limoe(*args):
+    return subprocess.run([sys.executable, "-m", "limoe", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("import")
+    ckpt = tmp / "tiny.pt"  # as open_clip's training saves: {"state_dict": {"module.<key>": ...}, "epoch": ...}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in _state_dict().items()}, "epoch": 3}, ckpt)
+    out = limoe("import", "open-clip", "--arch", ARCH, "--checkpoint", str(ckpt), "--name", "tiny-clip",
+                "--license", "MIT (test weights)", "--store", str(tmp / "store"))
+    assert out.returncode == 0, out.stderr
+    assert "wrote" in out.stdout and "int8 image cosine mean" in out.stdout
+    return tmp / "store" / "tiny-clip" / "1"
+
+
+def test_the_entry_gives_open_clips_embeddings_torch_free(entry):
+    from limoe.runtime.model_store import verify
+    from limoe.runtime.onnx_encoder import OnnxEncoders
+
+    manifest = verify(entry)
+    assert manifest.data["license"] == "MIT (test weights)" and manifest.text_cleaning == "open_clip_lower"
+    assert manifest.preprocess.crop == "resize_crop" and manifest.preprocess.resample == "bicubic"
+    assert manifest.moe.layers == () and manifest.context_length == 77
+    ref = np.load(FIXTURE / "reference.npz")
+    ri, rt = ref["image_embeddings"], ref["text_embeddings"]
+    enc = OnnxEncoders(manifest, quantized=False)
+    img = enc.encode_images(images()).embeddings
+    txt = enc.encode_tokens(enc.tokenizer.encode(texts())).embeddings  # the entry's own tokenizer
+    assert (img * ri).sum(-1).min() >= 0.99999 and np.abs(img - ri).max() <= 1e-4
+    assert (txt * rt).sum(-1).min() >= 0.99999 and np.abs(txt - rt).max() <= 1e-4
+    assert np.array_equal((img @ txt.T).argmax(1), (ri @ rt.T).argmax(1))
+    int8 = OnnxEncoders(manifest, quantized=True)
+    i8, t8 = int8.encode_images(images()).embeddings, int8.encode_tokens(int8.tokenizer.encode(texts())).embeddings
+    assert (i8 * ri).sum(-1).mean() > 0.999 and ((i8 @ t8.T).argmax(1) == (ri @ rt.T).argmax(1)).mean() >= 0.95
+    card = (entry / "MODEL_CARD.md").read_text()
+    assert "MIT (test weights)" in card and "limoe import open-clip" in card
+
+
+def test_safetensors_and_a_plain_state_dict_import_alike(tmp_path, entry):
+    from safetensors.torch import save_file
+
+    save_file(_state_dict(), tmp_path / "tiny.safetensors")
+    out = limoe("import", "open-clip", "--arch", ARCH, "--checkpoint", str(tmp_path / "tiny.safetensors"),
+                "--name", "tiny-clip", "--license", "MIT", "--store", str(tmp_path / "store"), "--no-int8")
+    assert out.returncode == 0, out.stderr
+    a = json.loads((entry / "manifest.json").read_text())["files"]["encoders.weights"]
+    b = json.loads((tmp_path / "store" / "tiny-clip" / "1" / "manifest.json").read_text())["files"]["encoders.weights"]
+    assert a == b  # the same weights, byte for byte
+
+
+def _refused(tmp_path, *args, checkpoint=None):
+    store = tmp_path / "store"
+    out = limoe("import", "open-clip", "--checkpoint", str(checkpoint), "--name", "m", "--store", str(store), *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    left = list(store.rglob("*")) if store.exists() else []
+    assert not [p for p in left if p.name != "m"], left  # nothing half-written (no version, no .tmp-*)
+    return out.stderr
+
+
+def test_bad_inputs_are_refused_by_name(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint" * 10)
+    assert "not a checkpoint that torch or safetensors can read" in _refused(
+        tmp_path, "--arch", ARCH, "--license", "MIT", checkpoint=junk)
+    good = tmp_path / "good.pt"
+    torch.save(_state_dict(), good)
+    assert "unknown architecture 'ViT-Q-99'" in _refused(tmp_path, "--arch", "ViT-Q-99", "--license", "MIT",
+                                                         checkpoint=good)
+    assert "--license is required" in _refused(tmp_path, "--arch", ARCH, checkpoint=good)
+    assert "is not a ViT-B-32" in _refused(tmp_path, "--arch", "ViT-B-32", "--license", "MIT", checkpoint=good)
+    sd = _state_dict()
+    del sd["visual.proj"]
+    torch.save(sd, tmp_path / "missing.pt")
+    assert "visual.proj" in _refused(tmp_path, "--arch", ARCH, "--license", "MIT", checkpoint=tmp_path / "missing.pt")
+    sd = _state_dict()
+    sd["visual.extra_head.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "extra.pt")
+    assert "unexpected visual.extra_head.weight" in _refused(tmp_path, "--arch", ARCH, "--license", "MIT",
+                                                             checkpoint=tmp_path / "extra.pt")
+    sd = _state_dict()
+    sd["ln_final.weight"] = torch.ones(5)
+    torch.save(sd, tmp_path / "shape.pt")
+    assert "wrong shapes ln_final.weight" in _refused(tmp_path, "--arch", ARCH, "--license", "MIT",
+                                                      checkpoint=tmp_path / "shape.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    assert "not a CLIP checkpoint" in _refused(tmp_path, "--arch", ARCH, "--license", "MIT",
+                                               checkpoint=tmp_path / "list.pt")
