@@ -121,6 +121,27 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from limoe.model.checkpoint import load_checkpoint, read_tokenizer, save_checkpoint
+    from limoe.model.upcycle import upcycle
+
+    try:
+        dense, extra = load_checkpoint(args.source)
+        sparse = upcycle(dense, args.experts, args.top_k, f"every_{args.moe_every}", args.seed)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    record = {"checkpoint": str(args.source), **{k: extra[k] for k in ("step", "data") if k in extra},
+              "experts": args.experts, "top_k": args.top_k, "moe_layers": sparse.cfg.moe_layers}
+    save_checkpoint(sparse, args.out, extra={"upcycled_from": record, **({"data": extra["data"]} if "data" in extra
+                                                                          else {})},
+                    tokenizer=read_tokenizer(args.source))
+    blocks = ", ".join(map(str, sparse.cfg.moe_layer_ids))
+    print(f"wrote {args.out}: blocks {blocks} of {args.source} as {args.experts} copies of their MLP each, top-"
+          f"{args.top_k} renormalised; train it with limoe train --init {args.out}")
+    return 0
+
+
 def _cmd_import_openclip(args: argparse.Namespace) -> int:
     from limoe.export.openclip_import import CheckpointError, import_openclip
     from limoe.runtime.model_store import ModelStoreError
@@ -378,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("--calibration-count", type=int, default=256)
     freeze.add_argument("--cache", help="data cache (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
     freeze.set_defaults(func=_cmd_freeze_int8)
+
+    up = sub.add_parser("upcycle", help="a dense checkpoint -> a sparse one whose experts start as copies of its MLPs "
+                                        "(equal outputs at step 0); then limoe train --init")
+    up.add_argument("source", help="a dense or two-tower .safetensors checkpoint of this project")
+    up.add_argument("--experts", type=int, default=8, help="E, experts per MoE layer (default 8)")
+    up.add_argument("--top-k", type=int, default=2, help="K, experts per token, gates renormalised (default 2)")
+    up.add_argument("--moe-every", type=int, default=2, help="every N-th block becomes MoE (default 2)")
+    up.add_argument("--seed", type=int, default=0, help="the routers' initialisation")
+    up.add_argument("--out", required=True, help="the sparse checkpoint (.safetensors)")
+    up.set_defaults(func=_cmd_upcycle)
 
     imp = sub.add_parser("import", help="bring weights from elsewhere into the model store")
     imp_sub = imp.add_subparsers(dest="source", required=True)

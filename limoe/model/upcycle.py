@@ -1,0 +1,59 @@
+"""Sparse upcycling (Komatsuzaki et al., ICLR 2023): a dense model's chosen MLP blocks become MoE
+layers whose E experts all start as copies of that MLP.
+
+    dense block i:   y = fc2(gelu(fc1(x)))
+    upcycled:        y = sum_k g_k(x) * expert_{e_k}(x),  expert_e = the same fc1/fc2 for every e,
+                     g = the top-K router probabilities renormalised to sum to 1
+
+so at step 0 every token's output is exactly the dense one, whatever the router says (with
+dropless routing, as inference runs; capacity routing in training may drop a token's choice, and
+then only the residual passes). The router starts at its usual small random init; training
+(`limoe train --init`) with the LIMoE entropy losses then lets the copies diverge.
+Everything else (attention, norms, embeddings, heads, temperature) is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from limoe.model.config import LIMoEConfig
+from limoe.model.moe import MoELayer
+from limoe.model.transformer import LIMoE, build_model
+
+
+def upcycled_config(cfg: LIMoEConfig, num_experts: int, top_k: int, moe_layers: str) -> LIMoEConfig:
+    """The sparse config of a dense one: MoE in `moe_layers`, renormalised top-K gates, dropless
+    inference and LIMoE's entropy losses (the aux-free dense baseline had none)."""
+    if cfg.moe_layer_ids:
+        raise ValueError(f"the source already has MoE layers in blocks {list(cfg.moe_layer_ids)}; upcycle a dense model")
+    aux = cfg.aux_loss if cfg.aux_loss != "none" else "entropy"
+    return cfg.replace(moe_layers=moe_layers, num_experts=num_experts, top_k=top_k, renormalize_gates=True,
+                       inference_routing="dropless", aux_loss=aux)
+
+
+def upcycle(dense: LIMoE, num_experts: int, top_k: int = 2, moe_layers: str = "every_2", seed: int = 0) -> LIMoE:
+    """A new model of `upcycled_config` whose experts are copies of `dense`'s MLPs (see above)."""
+    cfg = upcycled_config(dense.cfg, num_experts, top_k, moe_layers)
+    torch.manual_seed(seed)  # the routers' init
+    sparse = build_model(cfg)
+    src = dense.state_dict()
+    state = sparse.state_dict()
+    for name in state:
+        if name in src:
+            state[name] = src[name].clone()
+    for prefix, module in sparse.named_modules():
+        if not isinstance(module, MoELayer):
+            continue
+        mlp = f"{prefix.removesuffix('.mlp')}.mlp"  # the dense block's MLP had the same path
+        w1, b1 = src[f"{mlp}.fc1.weight"], src[f"{mlp}.fc1.bias"]  # (H, D), (H,)
+        w2, b2 = src[f"{mlp}.fc2.weight"], src[f"{mlp}.fc2.bias"]  # (D, H), (D,)
+        E = num_experts
+        state[f"{prefix}.experts.w1"] = w1.t().expand(E, -1, -1).clone()  # (E, D, H)
+        state[f"{prefix}.experts.b1"] = b1.expand(E, 1, -1).clone()  # (E, 1, H)
+        state[f"{prefix}.experts.w2"] = w2.t().expand(E, -1, -1).clone()  # (E, H, D)
+        state[f"{prefix}.experts.b2"] = b2.expand(E, 1, -1).clone()  # (E, 1, D)
+    sparse.load_state_dict(state, strict=True)
+    return sparse.eval()
+
+
+__all__ = ["upcycled_config", "upcycle"]
