@@ -122,7 +122,19 @@ def main(argv: list[str] | None = None) -> None:
                 results = {**evaluate(enc, eval_sets), "bench": {"limit": args.limit, "steps": steps}}
                 write_results(results, eval_path.with_suffix(".tmp"))
                 eval_path.with_suffix(".tmp").replace(eval_path)
+            cap_path = run_dir / "eval_capacity.json"  # the same weights routed at capacity 1.0 (not dropless)
+            capacity = json.loads(cap_path.read_text()) if cap_path.exists() else None
+            if capacity is None or capacity.get("bench", {}).get("limit") != args.limit:
+                enc = checkpoint_encoders(run_dir / "model.safetensors", inference_routing="capacity",
+                                          eval_capacity_factor=1.0)
+                eval_sets = eval_sets or default_eval_sets(enc, cache=args.cache, limit=args.limit)
+                capacity = {**evaluate(enc, eval_sets), "bench": {"limit": args.limit, "steps": steps}}
+                write_results(capacity, cap_path.with_suffix(".tmp"))
+                cap_path.with_suffix(".tmp").replace(cap_path)
             record = run_record(seed, results, train_seconds(run_dir, args.batch_size))
+            at_capacity = run_record(seed, capacity, None)
+            record["capacity_1.0"] = {"mean_top1": at_capacity["mean_top1"], "mean_10way": at_capacity["mean_10way"]}
+            record["train_dropped"] = train_dropped(run_dir)
             cpu = run_dir / "cpu_seconds.json"
             record.update(steps=steps, unmasked_steps=tail, train_loss=final_train_loss(run_dir),
                           cpu_minutes=round(json.loads(cpu.read_text())["cpu_seconds"] / 60, 2) if cpu.exists() else None,
@@ -143,7 +155,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.minutes:g} min per run at the measured pairs/s, batch {args.batch_size}, seeds "
           f"{', '.join(map(str, range(args.seeds)))}; per set top-1 / 10-way, mean over seeds\n")
     print(format_table(variants))
+    print("\n| variant | dropped in training (image / text) | mean 10-way dropless | at capacity 1.0 | dropless minus capacity |")
+    print("|---|---|---|---|---|")
+    for name, v in variants.items():
+        runs_ = v["runs"]
+        drop = "/".join(f"{sum(r['train_dropped'][m] for r in runs_) / len(runs_):.1%}" for m in ("image", "text"))
+        dl = sum(r["mean_10way"] for r in runs_) / len(runs_)
+        cap = sum(r["capacity_1.0"]["mean_10way"] for r in runs_) / len(runs_)
+        print(f"| {name} | {drop} | {dl:.1%} | {cap:.1%} | {100 * (dl - cap):+.2f} points |")
     print(f"\nwrote {out}")
+
+
+def train_dropped(run_dir: Path, fraction: float = 0.1) -> dict[str, float]:
+    """Share of token choices dropped in training, per modality: mean over MoE layers and over the
+    last `fraction` of the logged steps (the trainer logs each layer's rate)."""
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    last = lines[-max(1, int(len(lines) * fraction)):]
+    out = {}
+    for modality in ("image", "text"):
+        rates = [v["dropped"] for r in last for k, v in r["routing"].items() if k.startswith(modality + "/")]
+        out[modality] = round(sum(rates) / len(rates), 4) if rates else 0.0
+    return out
 
 
 def command(name: str, cfg, base, tc: TrainConfig, args) -> str:

@@ -57,8 +57,9 @@ def test_ablation_end_to_end_on_a_measured_throughput(tmp_path, variants):
     for r in runs.values():
         assert r["cpu_minutes"] > 0 and r["command"].startswith("limoe train --preset tiny")
         assert "scenes/held-out colour-shape pairs" in r["sets"]
+        assert 0 <= r["capacity_1.0"]["mean_10way"] <= 1 and set(r["train_dropped"]) == {"image", "text"}
     assert "--set image_mask_ratio=0.5" in runs["+masking (50%, 5% unmasked tail)"]["command"]
-    assert "| +masking (50%, 5% unmasked tail) |" in out.stdout
+    assert "| +masking (50%, 5% unmasked tail) |" in out.stdout and "dropless minus capacity" in out.stdout
 
 
 def test_throughput_bench_prints_every_variant_and_the_breakdown(tmp_path):
