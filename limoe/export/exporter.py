@@ -296,6 +296,17 @@ def _commit_entry(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def finish_entry(tmp: Path, final: Path, manifest: dict[str, Any], card: str, started: float) -> None:
+    """The last steps of every export: the model card, every file's checksum, the time it took,
+    and the swap into place (`_commit_entry`)."""
+    roles = manifest["roles"]
+    roles["model_card"] = "MODEL_CARD.md"
+    (tmp / roles["model_card"]).write_text(card, encoding="utf-8")
+    manifest["files"] = {f: file_record(tmp / f) for f in sorted(roles.values())}
+    manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+    _commit_entry(tmp, final, manifest)
+
+
 def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, cache: str | Path | None = None,
                       count: int = 256) -> Manifest:
     """Give an existing entry's dynamic int8 graphs fixed activation scales (limoe.export.quantize.
@@ -476,12 +487,8 @@ def export_entry(
         if "train" in extra:
             manifest["training"] = {k: extra[k] for k in ("step", "train", "data", "sources", "init") if k in extra}
         manifest["stats"] = dataclasses.asdict(model_stats(cfg))
-        roles["model_card"] = "MODEL_CARD.md"
-        (tmp / roles["model_card"]).write_text(
-            render_model_card(manifest, manifest.get("training"), manifest["stats"]), encoding="utf-8")
-        manifest["files"] = {f: file_record(tmp / f) for f in sorted(roles.values())}
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        _commit_entry(tmp, final, manifest)
+        finish_entry(tmp, final, manifest, render_model_card(manifest, manifest.get("training"), manifest["stats"]),
+                     started)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

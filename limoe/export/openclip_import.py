@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from limoe.export.exporter import (
     DEFAULT_OPSET,
     OUTPUTS,
-    _commit_entry,
     _libraries,
     agreement,
     export_onnx,
+    finish_entry,
     share_weights,
 )
 from limoe.export.quantize import DESCRIPTIONS, batches
@@ -239,11 +239,7 @@ def import_openclip(arch: str, checkpoint: str | Path, name: str, license: str, 
             "stats": {"total_params": params, "active_params": params},
             "roles": roles,
         }
-        roles["model_card"] = "MODEL_CARD.md"
-        (tmp / roles["model_card"]).write_text(clip_model_card(manifest), encoding="utf-8")
-        manifest["files"] = {f: file_record(tmp / f) for f in sorted(roles.values())}
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        _commit_entry(tmp, final, manifest)
+        finish_entry(tmp, final, manifest, clip_model_card(manifest), started)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
