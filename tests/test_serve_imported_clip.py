@@ -48,7 +48,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(store):
-    with serve_process(model="tiny-clip", model_store=str(store), max_batch_wait_ms=2) as (base, _):
+    with serve_process(model="tiny-clip", model_store=str(store), jobs_dir=str(store.parent / "jobs"),
+                       max_batch_wait_ms=2) as (base, _):
         yield base
 
 

@@ -142,7 +142,7 @@ def export_onnx(encoder: nn.Module, example: Tensor, input_name: str, path: Path
         warnings.simplefilter("ignore")
         torch.onnx.export(
             encoder.eval(), (example,), str(path), input_names=[input_name], output_names=list(OUTPUTS),
-            dynamic_shapes={input_name: {0: torch.export.Dim("batch")}}, opset_version=opset,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
             dynamo=True, external_data=False, verbose=False,
             custom_translation_table={torch.ops.limoe.fused_moe.default: fused_moe_onnx},
         )

@@ -31,6 +31,7 @@ from limoe.export.exporter import (
     DEFAULT_OPSET,
     OUTPUTS,
     _libraries,
+    _routing_outputs,
     agreement,
     export_onnx,
     finish_entry,
@@ -98,30 +99,18 @@ def build_clip(arch: str, sd: dict[str, Tensor]) -> CLIP:
     return model
 
 
-class ClipImageEncoder(nn.Module):
-    """images (B, 3, R, R) -> embeddings (B, P), and empty routing outputs (B, 0, T, 1)."""
+class ClipEncoder(nn.Module):
+    """One tower as the store's graph signature: images (B, 3, R, R) or tokens (B, 77) ->
+    embeddings (B, P) and the routing outputs of a model without MoE layers, (B, 0, T, 1)."""
 
-    def __init__(self, model: CLIP):
+    def __init__(self, model: CLIP, modality: str):
         super().__init__()
-        self.model = model
+        self.model, self.modality = model, modality
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        emb = F.normalize(self.model.encode_image(images), dim=-1)
-        index = torch.zeros(images.shape[0], 0, self.model.cfg.num_patches + 1, 1, dtype=torch.int64)
-        return emb, index, index.bool()
-
-
-class ClipTextEncoder(nn.Module):
-    """tokens (B, 77) -> embeddings (B, P), and empty routing outputs (B, 0, L, 1)."""
-
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        emb = F.normalize(self.model.encode_text(tokens), dim=-1)
-        index = torch.zeros(tokens.shape[0], 0, tokens.shape[1], 1, dtype=torch.int64)
-        return emb, index, index.bool()
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        encode = self.model.encode_image if self.modality == "image" else self.model.encode_text
+        tokens = self.model.cfg.num_patches + 1 if self.modality == "image" else x.shape[1]
+        return (F.normalize(encode(x), dim=-1), *_routing_outputs([], x.shape[0], tokens, 1))
 
 
 def preprocessing(cfg: CLIPConfig) -> PreprocessConfig:
@@ -189,8 +178,8 @@ def import_openclip(arch: str, checkpoint: str | Path, name: str, license: str, 
         g = torch.Generator().manual_seed(0)
         images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
         tokens = torch.from_numpy(tokenizer.encode(["a photo of a cat", "rocket"]))
-        export_onnx(ClipImageEncoder(model), images, "images", tmp / roles["image_onnx"], opset)
-        export_onnx(ClipTextEncoder(model), tokens, "tokens", tmp / roles["text_onnx"], opset)
+        export_onnx(ClipEncoder(model, "image"), images, "images", tmp / roles["image_onnx"], opset)
+        export_onnx(ClipEncoder(model, "text"), tokens, "tokens", tmp / roles["text_onnx"], opset)
         tokenizer.save(tmp / roles["tokenizer"])
         quantization: dict[str, Any] = {}
         if int8:
@@ -276,4 +265,4 @@ def clip_model_card(manifest: dict[str, Any]) -> str:
 
 
 __all__ = ["import_openclip", "read_checkpoint", "build_clip", "CheckpointError", "preprocessing", "calibration_images",
-           "ClipImageEncoder", "ClipTextEncoder", "clip_model_card"]
+           "ClipEncoder", "clip_model_card"]

@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import ftfy
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -22,8 +23,6 @@ SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
 def clean_lower(text: str) -> str:
     """open_clip.tokenizer._clean_lower: ftfy.fix_text, html.unescape twice, strip, whitespace runs
     to one space, lower(). Imported CLIP entries tokenize this way (limoe.runtime.clip_tokenizer)."""
-    import ftfy  # only entries that ask for this cleaning need it
-
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).strip().lower()
 

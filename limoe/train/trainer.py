@@ -243,10 +243,8 @@ class TeacherTargets:
         if self.cache.misses:
             print(f"teacher {self.teacher.name}: embedded {self.cache.misses} new texts in "
                   f"{time.perf_counter() - t0:.0f} s ({len(self.cache)} cached in {self.cache.dir})", flush=True)
-        spec = TEACHERS[train_cfg.teacher]
-        self.meta = {"name": spec.name, "package": spec.package, "license": spec.license,
-                     "package_license": spec.package_license, "url": spec.url, "attribution": spec.attribution,
-                     "checksum": self.teacher.checksum, "dim": self.teacher.dim, "weight": train_cfg.teacher_weight}
+        self.meta = {**asdict(TEACHERS[train_cfg.teacher]), "checksum": self.teacher.checksum,
+                     "dim": self.teacher.dim, "weight": train_cfg.teacher_weight}
 
     def __call__(self, texts: Sequence[str]) -> Tensor:  # (B, Q) float32
         return torch.from_numpy(self.cache.lookup(texts).astype(np.float32)).to(self.device)
