@@ -205,7 +205,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                 ("teacher_weight", args.teacher_weight), ("teacher_cache", args.teacher_cache))
               if v is not None}
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                     seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers, **recipe)
+                     seed=args.seed, checkpoint_every=args.checkpoint_every,
+                     keep_every=args.keep_every, num_workers=args.workers, **recipe)
     out = Path(args.out)
     tok_path = out / "tokenizer.json"
     if tok_path.exists():  # resuming: keep the vocabulary the weights were trained with
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=200)
+    train.add_argument("--keep-every", type=int, default=0,
+                       help="also keep every N-th step's weights as OUT/steps/model-N.safetensors "
+                            "(for a score-against-CPU-minutes curve; 0 = off)")
     train.add_argument("--workers", type=int, default=2, help="threads decoding images")
     train.add_argument("--stop-at", type=int, help="end this run after that step (resume later)")
     train.add_argument("--dense", action="store_true", help="the dense model of equal active FLOPs")
@@ -505,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt template, '{}' marks the label; repeat for an ensemble (default: the entry's)")
     cls.add_argument("--top-k", type=int, default=5, help="labels per row, best first (default 5; 0: all)")
     cls.add_argument("--out", required=True, help="results.jsonl or results.parquet (with --ray: a folder of files)")
-    cls.add_argument("--model", default="limoe-small", help="model name in the store, or an entry directory")
+    cls.add_argument("--model", default="limoe-small", help="model name in the store (name@version pins a version, "
+                                                           "as the server's model names), or an entry directory")
     cls.add_argument("--version", default="latest", help="model version (default latest)")
     cls.add_argument("--store", help="model store root (default $LIMOE_MODEL_STORE, else the server's default)")
     cls.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",

@@ -21,7 +21,7 @@ from service.errors import BadRequest, NotFound, ServiceError, Unprocessable, Un
 from service.http import ServiceRoute, bearer_token, media_type
 from service.job_runner import JobRunner, TooManyBatches
 from service.jobs import Batch, FileMeta, new_id
-from service.schemas import (BatchCreate, BatchList, BatchObject, FileDeleted, FileObject, error_responses)
+from service.schemas import BatchCreate, BatchList, BatchObject, FileDeleted, FileObject, error_responses
 
 router = APIRouter(prefix="/v1", tags=["batch"], route_class=ServiceRoute)
 ERRORS = error_responses(400, 404, 409, 413, 415, 422, 429, 503)

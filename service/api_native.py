@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -24,7 +24,7 @@ from service.http import (
     json_response,
     media_type,
     raw_body,
-    serving,
+    served_models,
     validate,
 )
 from service.schemas import (
@@ -38,6 +38,7 @@ from service.schemas import (
     form_body,
     ranked,
 )
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["native"], route_class=ServiceRoute, strict_content_type=False)
 ERRORS = error_responses(400, 413, 415, 422, 429, 503, 504)
@@ -99,7 +100,8 @@ async def read_form(request: Request, max_images: int, max_labels: int) -> Class
     return validate(ClassifyForm, {
         "images": images, "labels": [str(v) for v in form.getlist("labels")],
         "templates": [str(v) for v in form.getlist("templates")] or None, "top_k": top_k,
-        "explain": str(form.get("explain", "false")).lower() in ("1", "true", "yes")})
+        "explain": str(form.get("explain", "false")).lower() in ("1", "true", "yes"),
+        "model": str(form["model"]) if form.get("model") not in (None, "") else None})
 
 
 def is_multipart(request: Request) -> bool:
@@ -190,34 +192,42 @@ def classify_response(engine: Engine, scores: Scores, labels: Sequence[str], tem
 
 
 async def classify_form(request: Request, bulk: bool) -> Response:
-    engine = serving(request)
-    s = engine.settings
+    s: Settings = request.app.state.settings
     form = await read_form(request, s.max_bulk_images if bulk else s.max_images_per_request, s.max_labels)
-    return await _classify(request, engine, form.images, form, bulk)
+    with served_models(request).use(form.model) as engine:
+        return await _classify(request, engine, form.images, form, bulk)
 
 
 @router.post("/classify", summary="Zero-shot classify one or more images", response_model=ClassifyResponse,
              responses=ERRORS, openapi_extra=form_body(ClassifyForm))
 @raw_body(is_multipart, partial(classify_form, bulk=False))
-async def classify(body: ClassifyRequest, request: Request, engine: Engine = Depends(serving)) -> Response:
+async def classify(body: ClassifyRequest, request: Request) -> Response:
     """Ranked labels per image, or that image's error. JSON with base64 images, or
-    multipart/form-data with image files."""
-    return await _classify(request, engine, body.images, body, bulk=False)
+    multipart/form-data with image files. `model` picks the model (default: the server's)."""
+    with served_models(request).use(body.model) as engine:
+        return await _classify(request, engine, body.images, body, bulk=False)
 
 
 @router.post("/classify/bulk", summary="Classify many images against one label set", response_model=ClassifyResponse,
              responses=ERRORS, openapi_extra=form_body(ClassifyForm))
 @raw_body(is_multipart, partial(classify_form, bulk=True))
-async def classify_bulk(body: ClassifyRequest, request: Request, engine: Engine = Depends(serving)) -> Response:
+async def classify_bulk(body: ClassifyRequest, request: Request) -> Response:
     """Per-image results in input order. Bulk images wait for queue room instead of being refused,
     and the deadline grows with the number of batches they fill."""
-    return await _classify(request, engine, body.images, body, bulk=True)
+    with served_models(request).use(body.model) as engine:
+        return await _classify(request, engine, body.images, body, bulk=True)
 
 
 # -- embed, models --------------------------------------------------------------------------------------
 
 @router.post("/embed", summary="Image and/or text embeddings", response_model=EmbedResponse, responses=ERRORS)
-async def embed(body: EmbedRequest, request: Request, engine: Engine = Depends(serving)) -> Response:
+async def embed(body: EmbedRequest, request: Request) -> Response:
+    """Embeddings from the model `model` names (default: the server's)."""
+    with served_models(request).use(body.model) as engine:
+        return await _embed(request, engine, body)
+
+
+async def _embed(request: Request, engine: Engine, body: EmbedRequest) -> Response:
     s = engine.settings
     if not body.images and not body.texts:
         raise Unprocessable("give images and/or texts", "empty_request")
@@ -252,13 +262,17 @@ async def embed(body: EmbedRequest, request: Request, engine: Engine = Depends(s
         "texts": [item(i, r, "text") for i, r in enumerate(txt)]}))
 
 
-@router.get("/models", summary="The loaded model and its manifest")
+@router.get("/models", summary="The loaded models, their versions and manifests")
 async def models(request: Request) -> ModelsResponse:
-    engine: Engine = request.app.state.engine
-    b = engine.backend
-    return ModelsResponse.model_validate({"models": [{
-        "name": b.name, "version": b.version, "backend": engine.settings.backend, "device": b.device,
-        "ready": engine.ready, "manifest": b.manifest.data}]})
+    served = served_models(request)
+    listed = []
+    for v in served.all():
+        b = v.engine.backend
+        listed.append({"name": b.name, "version": b.version, "backend": v.engine.settings.backend, "device": b.device,
+                       "ready": v.engine.ready and not v.retiring, "default": b.name == served.default,
+                       "current": served.current(b.name) is v, "state": v.state, "memory_bytes": v.memory_bytes,
+                       "loaded_at": v.loaded_at, "manifest": b.manifest.data})
+    return ModelsResponse.model_validate({"default": served.default, "models": listed})
 
 
 # -- batch jobs -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ validated against the same model.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
@@ -23,11 +23,30 @@ from fastapi.responses import JSONResponse
 
 import limoe
 from service.engine import Engine
-from service.errors import BadRequest, NotFound, Unprocessable
-from service.http import (ServiceRoute, answer, b64decode, deadline_s, json_response, media_type, parse_json,
-                          raw_body, validate)
-from service.schemas import (InferRequest, InferResponse, ModelMetadata, ModelReady, ServerLive, ServerMetadata,
-                             ServerReady, error_responses)
+from service.errors import BadRequest, Unprocessable
+from service.http import (
+    ServiceRoute,
+    answer,
+    b64decode,
+    deadline_s,
+    json_response,
+    media_type,
+    parse_json,
+    raw_body,
+    served_models,
+    validate,
+)
+from service.models import ModelLoading
+from service.schemas import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    error_responses,
+)
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=ServiceRoute,
                    strict_content_type=False)
@@ -38,37 +57,30 @@ NAMED = error_responses(404, 422)  # routes that name a model (and version)
 NO = {503: {"description": "no: the same body, with false"}}
 
 
-def _engine(request: Request, name: str | None = None, version: str | None = None) -> Engine:
-    engine: Engine = request.app.state.engine
-    b = engine.backend
-    if name is not None and name != b.name:
-        raise NotFound(f"unknown model {name!r} (this server serves {b.name!r})")
-    if version is not None and version != b.version:
-        raise NotFound(f"model {name!r} has no version {version!r} loaded (serving {b.version!r})")
-    return engine
+def model(name: str, request: Request) -> Iterator[Engine]:
+    """The engine of the current version of `name` (404 naming those served), held while the route runs."""
+    with served_models(request).use(name, ready=False) as engine:
+        yield engine
 
 
-def model(name: str, request: Request) -> Engine:
-    return _engine(request, name)
+def model_version(name: str, version: str, request: Request) -> Iterator[Engine]:
+    with served_models(request).use(name, version, ready=False) as engine:
+        yield engine
 
 
-def model_version(name: str, version: str, request: Request) -> Engine:
-    return _engine(request, name, version)
+def ready_model(name: str, request: Request) -> Iterator[Engine]:
+    with served_models(request).use(name) as engine:
+        yield engine
 
 
-def ready_model(engine: Engine = Depends(model)) -> Engine:
-    engine.require_ready()
-    return engine
-
-
-def ready_model_version(engine: Engine = Depends(model_version)) -> Engine:
-    engine.require_ready()
-    return engine
+def ready_model_version(name: str, version: str, request: Request) -> Iterator[Engine]:
+    with served_models(request).use(name, version) as engine:
+        yield engine
 
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="limoe-serve", version=limoe.__version__, extensions=["binary_tensor_data"])
+    return ServerMetadata(name="limoe-serve", version=limoe.__version__, extensions=["binary_tensor_data", "model_repository"])
 
 
 def _health(**body: Any) -> JSONResponse:
@@ -79,19 +91,19 @@ def _health(**body: Any) -> JSONResponse:
 
 @router.get("/health/live", summary="Server live", response_model=ServerLive, responses=NO)
 async def live(request: Request) -> JSONResponse:
-    return _health(live=request.app.state.engine.alive)
+    return _health(live=served_models(request).alive)
 
 
 @router.get("/health/ready", summary="Server ready", response_model=ServerReady, responses=NO)
 async def ready(request: Request) -> JSONResponse:
-    e = request.app.state.engine
-    return _health(ready=e.ready and e.alive)
+    return _health(ready=served_models(request).ready)
 
 
-def _metadata(engine: Engine) -> ModelMetadata:
+def _metadata(request: Request, engine: Engine) -> ModelMetadata:
     b = engine.backend
+    versions = [v.version for v in served_models(request).loaded.get(b.name, ()) if not v.retiring]
     return ModelMetadata.model_validate({
-        "name": b.name, "versions": [b.version], "platform": f"limoe_{engine.settings.backend}",
+        "name": b.name, "versions": versions or [b.version], "platform": f"limoe_{engine.settings.backend}",
         "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
                    {"name": "LABELS", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "SCORES", "datatype": "FP32", "shape": [-1, -1]},
@@ -101,24 +113,35 @@ def _metadata(engine: Engine) -> ModelMetadata:
 
 
 @router.get("/models/{name}", summary="Model metadata", responses=NAMED)
-async def model_metadata(engine: Engine = Depends(model)) -> ModelMetadata:
-    return _metadata(engine)
+async def model_metadata(request: Request, engine: Engine = Depends(model)) -> ModelMetadata:
+    return _metadata(request, engine)
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata", responses=NAMED)
-async def model_version_metadata(engine: Engine = Depends(model_version)) -> ModelMetadata:
-    return _metadata(engine)
+async def model_version_metadata(request: Request, engine: Engine = Depends(model_version)) -> ModelMetadata:
+    return _metadata(request, engine)
 
 
 @router.get("/models/{name}/ready", summary="Model ready", response_model=ModelReady, responses={**NO, **NAMED})
-async def model_ready(engine: Engine = Depends(model)) -> JSONResponse:
-    return _health(name=engine.backend.name, ready=engine.ready and engine.alive)
+async def model_ready(name: str, request: Request) -> JSONResponse:
+    return _model_health(request, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version ready", response_model=ModelReady,
             responses={**NO, **NAMED})
-async def model_version_ready(engine: Engine = Depends(model_version)) -> JSONResponse:
-    return _health(name=engine.backend.name, ready=engine.ready and engine.alive)
+async def model_version_ready(name: str, version: str, request: Request) -> JSONResponse:
+    return _model_health(request, name, version)
+
+
+def _model_health(request: Request, name: str, version: str | None) -> JSONResponse:
+    """{"name", "ready"}: 200 when that version is warm and serving; 503 while it loads (404 for a
+    model not served)."""
+    try:
+        loaded = served_models(request).resolve(name, version)
+    except ModelLoading:
+        return _health(name=name, ready=False)
+    e = loaded.engine
+    return _health(name=e.backend.name, ready=e.ready and e.alive and not loaded.retiring)
 
 
 # -- inference -----------------------------------------------------------------------------------------
@@ -223,10 +246,9 @@ def _not_json(request: Request) -> bool:
 
 
 async def _infer_raw(request: Request) -> Response:
-    engine = _engine(request, request.path_params["name"], request.path_params.get("version"))
-    engine.require_ready()
-    head, binary = _split_body(request, await request.body())
-    return await _infer(request, engine, validate(InferRequest, parse_json(head)), binary)
+    with served_models(request).use(request.path_params["name"], request.path_params.get("version")) as engine:
+        head, binary = _split_body(request, await request.body())
+        return await _infer(request, engine, validate(InferRequest, parse_json(head)), binary)
 
 
 INFER_DOC = "JSON, or Triton's binary tensor extension (an Inference-Header-Content-Length header)."

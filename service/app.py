@@ -4,9 +4,11 @@
     limoe serve                                    (the same, plus a friendly start-up check, a header
                                                     deadline and JSON 400s for unparseable HTTP)
 
-Start-up loads and verifies the model (a damaged or missing artifact stops the server with a
-message naming the file), starts one batcher per encoder, then warms every batch size up in the
-background: /healthz answers at once, /readyz and the inference routes answer 503 until warm.
+Start-up loads and verifies the models (LIMOE_MODELS, or LIMOE_MODEL; a damaged or missing artifact
+stops the server with a message naming the file), starts one batcher per encoder and model, then
+warms every batch size up in the background: /healthz answers at once, /readyz (the default
+model) and the inference routes answer 503 until warm. service/models.py loads and unloads
+versions while the server runs (the repository API, behind LIMOE_ADMIN_KEYS).
 Shutdown drains (`Drain`, driven by service/cli.py on SIGTERM; docs/SHUTDOWN.md).
 """
 
@@ -23,18 +25,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import limoe
-from service import api_batch, api_hf, api_native, api_v2, web
-from service.backends import Backend, load_backend
-from service.engine import Engine
-from service.errors import ServiceError, Unauthorized, invalid_request
-from service.http import BodyBudget, BodyLimitMiddleware, ClientGone, check_api_key
+from service import api_batch, api_hf, api_native, api_repository, api_v2, web
+from service.backends import Backend
+from service.errors import ServiceError, invalid_request
+from service.http import BodyBudget, BodyLimitMiddleware, ClientGone, check_admin_key, check_api_key
 from service.job_runner import start_jobs
 from service.metrics import Metrics
+from service.models import Models, Opener, open_ref
 from service.settings import Settings
 
 log = logging.getLogger("limoe.service")
@@ -53,6 +54,8 @@ class Gatekeeper:
 
     def _needs_key(self, path: str, method: str) -> bool:
         s = self.settings
+        if path.startswith(api_repository.PREFIX):
+            return False  # admin keys, checked in __call__
         if not s.api_keys or path in OPEN_PATHS or path.startswith((DOCS_ASSETS + "/", web.ASSETS + "/")):
             return False
         if path == web.PAGE and method in ("GET", "HEAD"):  # the web page; POST / is the Hugging Face route
@@ -76,11 +79,13 @@ class Gatekeeper:
             await send(message)
 
         try:
-            if self._needs_key(scope["path"], scope["method"]):
-                try:
+            try:
+                if scope["path"].startswith(api_repository.PREFIX):
+                    check_admin_key(Request(scope), self.settings.admin_keys, self.settings.api_keys)
+                elif self._needs_key(scope["path"], scope["method"]):
                     check_api_key(Request(scope), self.settings.api_keys)
-                except Unauthorized as e:
-                    return await JSONResponse(e.body(), e.status, headers=e.headers)(scope, receive, send_status)
+            except ServiceError as e:  # 401, 403
+                return await JSONResponse(e.body(), e.status, headers=e.headers)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
@@ -105,14 +110,14 @@ class Drain:
     `requests` are the tasks of the requests in flight (`DrainMiddleware`). Event loop only."""
 
     def __init__(self, state, metrics: Metrics):
-        self.state, self.metrics = state, metrics  # app.state: the lifespan puts the engine there
+        self.state, self.metrics = state, metrics  # app.state: the lifespan puts the models there
         self.draining = self.refusing = self.aborting = False
         self.requests: set[asyncio.Task] = set()
 
     def begin(self) -> None:
         self.draining = True
-        if self.state.engine is not None:
-            self.state.engine.drain()
+        if self.state.models is not None:
+            self.state.models.drain()
 
     def refuse(self) -> None:
         self.refusing = True
@@ -171,28 +176,30 @@ async def _shutting_down(scope: Scope, receive: Receive, send: Send) -> None:
     await JSONResponse(e.body(), e.status, headers=e.headers)(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
-    """The app. `backend` replaces the model from the settings (tests pass a FakeBackend)."""
+def create_app(settings: Settings | None = None, backend: Backend | None = None,
+               backends: list[Backend] | None = None, opener: Opener = open_ref) -> FastAPI:
+    """The app. `backend` (or several `backends`, the first the default) replaces the models of
+    the settings (tests pass FakeBackends); `opener` opens the versions the repository API loads."""
     settings = settings or Settings()
     metrics = Metrics()
+    given = backends if backends is not None else [backend] if backend is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded = backend or await run_in_threadpool(load_backend, settings)
-        metrics.model_info.labels(loaded.name, loaded.version, settings.backend if backend is None else "custom",
-                                  loaded.device).set(1)
-        engine = Engine(loaded, settings, metrics)
-        app.state.engine = engine
-        warm = asyncio.ensure_future(engine.start())
-        app.state.jobs = await start_jobs(app.state, engine)  # batch jobs (docs/BATCH.md); None when off
-        log.info("serving %s version %s on %s", loaded.name, loaded.version, loaded.device)
+        models = Models(settings, metrics, app.state, opener)
+        await models.open(given)
+        app.state.models = models
+        models.start()
+        app.state.jobs = await start_jobs(app.state, models)  # batch jobs (docs/BATCH.md); None when off
+        for v in models.all():
+            log.info("serving %s version %s on %s%s", v.name, v.version, v.engine.backend.device,
+                     " (the default)" if v.name == models.default else "")
         try:
             yield
         finally:
-            warm.cancel()
             if app.state.jobs is not None:  # first: jobs stop where they are, and resume on restart
                 await app.state.jobs.stop()
-            await engine.stop()
+            await models.stop()
 
     app = FastAPIOffline(  # a FastAPI app whose /docs and /redoc load their assets from this server
         static_url=DOCS_ASSETS,
@@ -203,7 +210,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                     "Open Inference Protocol v2 under /v2, Prometheus metrics at /metrics.",
         lifespan=lifespan,
     )
-    app.state.settings, app.state.metrics, app.state.engine = settings, metrics, None
+    app.state.settings, app.state.metrics, app.state.engine, app.state.models = settings, metrics, None, None
     app.state.jobs, app.state.jobs_off = None, "the server is starting"
     app.state.body_budget = BodyBudget(settings.max_inflight_bytes, metrics.body_bytes.set)
     app.state.drain = Drain(app.state, metrics)
@@ -238,14 +245,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the batch workers are running")
     async def healthz(request: Request) -> JSONResponse:
-        engine = getattr(request.app.state, "engine", None)
-        alive = engine is None or engine.alive  # still loading counts as alive
+        models = request.app.state.models
+        alive = models is None or models.alive  # still loading counts as alive
         return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: the model answered a warm-up forward pass")
+    @app.get("/readyz", tags=["health"], summary="Readiness: the default model answered a warm-up forward pass")
     async def readyz(request: Request) -> JSONResponse:
-        engine = getattr(request.app.state, "engine", None)
-        ready = engine is not None and engine.ready and engine.alive
+        models, engine = request.app.state.models, request.app.state.engine
+        ready = models is not None and models.ready
         body = {"status": "ready" if ready else "shutting down" if engine is not None and engine.draining
                 else "not ready"}
         if engine is not None:
@@ -254,13 +261,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
     async def prometheus(request: Request) -> Response:
-        engine = getattr(request.app.state, "engine", None)
-        if engine is not None:
-            for b in (engine.image_batcher, engine.text_batcher):
-                metrics.queue_depth.labels(b.name).set(b.depth)
+        models = request.app.state.models
+        for v in models.all() if models is not None else ():
+            if not v.retiring:
+                for b in (v.engine.image_batcher, v.engine.text_batcher):
+                    v.engine.metrics.queue_depth.labels(b.name).set(b.depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    for router in (api_native.router, api_hf.router, api_v2.router, api_batch.router):
+    for router in (api_native.router, api_hf.router, api_v2.router, api_repository.router, api_batch.router):
         app.include_router(router)
     app.include_router(web.router)
     app.mount(web.ASSETS, web.assets(), name="web")
@@ -268,6 +276,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
 
 def describe_settings(settings: Settings) -> str:
-    public = settings.model_dump(exclude={"api_keys"})
+    public = settings.model_dump(exclude={"api_keys", "admin_keys"})
     public["api_keys"] = f"{len(settings.api_keys)} configured"
+    public["admin_keys"] = f"{len(settings.admin_keys)} configured"
     return json.dumps(public, default=str)

@@ -92,16 +92,19 @@ def serve(argv_overrides: dict | None = None) -> int:
         return 2
     from limoe.runtime.model_store import ModelStoreError
     from service.backends import DeviceError, check_device, load_manifest
+    from service.models import ModelRef, ref_settings
 
     try:  # fail before uvicorn starts, with one clear line instead of a lifespan traceback
         check_device(settings)
-        load_manifest(settings)
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ModelStoreError as e:
-        print(f"error: cannot serve model {settings.model!r}: {e}", file=sys.stderr)
-        return 1
+    for ref in settings.model_refs:
+        try:
+            load_manifest(ref_settings(settings, ModelRef.parse(ref)))
+        except ModelStoreError as e:
+            print(f"error: cannot serve model {ref!r}: {e}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("limoe.service").info("settings: %s", describe_settings(settings))
     from service.http import http_protocol

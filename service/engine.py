@@ -21,7 +21,7 @@ from limoe.runtime.zeroshot import ensemble, fill_templates, zero_shot_scores
 from service.backends import Backend
 from service.batcher import DynamicBatcher, ItemResult, Permit
 from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, ServiceError, Unprocessable
-from service.metrics import Metrics
+from service.metrics import Metrics, ModelMetrics
 from service.settings import Settings
 
 # A label set's prompts are tokenised this many batcher chunks at a time (see Engine.encode_texts).
@@ -101,7 +101,12 @@ class LabelCache(LRU):
 
 
 class Engine:
-    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics):
+    """One model version's serving: its batchers, caches and decoding pools. `metrics`: the
+    server's (this version's series are labelled with its name and version) or a ModelMetrics."""
+
+    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | ModelMetrics):
+        if isinstance(metrics, Metrics):
+            metrics = metrics.for_model(backend.name, backend.version)
         self.backend, self.settings, self.metrics = backend, settings, metrics
         self.moe_layers: list[int] = list(backend.moe.layers)
         self.num_experts: int = backend.moe.num_experts
@@ -129,13 +134,15 @@ class Engine:
                               self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch, passes=s.encoder_passes)
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, sizes: Sequence[int] | None = None) -> None:
+        """Start the batchers and warm up (`sizes`: the batch sizes to run; default
+        `warm_up_sizes`); then serve."""
         self.image_batcher.start()
         self.text_batcher.start()
         if self.settings.warmup:
-            await self.warm_up()
+            await self.warm_up(sizes)
         self.warm = True
-        self.metrics.ready.set(0 if self.draining else 1)
+        self.metrics.model_ready.set(0 if self.draining else 1)
 
     def warm_up_sizes(self) -> list[int]:
         """Batch sizes to warm up: every size up to 32, then powers of two and the maximum, so
@@ -144,27 +151,28 @@ class Engine:
         sizes = set(range(1, min(top, 32) + 1)) | {2 ** k for k in range(top.bit_length()) if 2 ** k <= top} | {top}
         return sorted(sizes)
 
-    async def warm_up(self) -> None:
+    async def warm_up(self, sizes: Sequence[int] | None = None) -> None:
         """Run the batch sizes once on both encoders: lazy allocations and kernel selection (and
         cuDNN autotuning on GPU) happen now, not on the first user's request."""
         started = time.perf_counter()
         size = self.backend.preprocess.image_size
         bos_eos = self.backend.tokenizer.encode([""])[0]
-        for n in self.warm_up_sizes():
+        sizes = list(sizes or self.warm_up_sizes())
+        for n in sizes:
             await self.image_batcher.run_direct(np.zeros((n, 3, size, size), np.float32))
             await self.text_batcher.run_direct(np.tile(bos_eos, (n, 1)))
-        log.info("warm-up: %d batch sizes up to %d in %.1fs", len(self.warm_up_sizes()), self.settings.max_batch_size,
-                 time.perf_counter() - started)
+        log.info("%s v%s warm-up: %d batch sizes up to %d in %.1fs", self.backend.name, self.backend.version,
+                 len(sizes), max(sizes), time.perf_counter() - started)
 
     def drain(self) -> None:
         """A shutdown began (service/cli.py): stop reporting ready, so that load balancers stop
         sending; the inference routes still serve what comes meanwhile."""
         self.draining = True
-        self.metrics.ready.set(0)
+        self.metrics.model_ready.set(0)
 
     async def stop(self) -> None:
         self.warm = False
-        self.metrics.ready.set(0)
+        self.metrics.model_ready.set(0)
         await self.image_batcher.stop()
         await self.text_batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -32,6 +32,10 @@ class Unauthorized(ServiceError):
     headers = {"WWW-Authenticate": "Bearer"}
 
 
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
 

@@ -7,7 +7,7 @@ import base64
 import binascii
 import hmac
 import json
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, TypeVar
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -15,8 +15,21 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import Engine
-from service.errors import (BadRequest, Overloaded, PayloadTooLarge, ServiceError, Timeout, Unauthorized,
-                            Unprocessable, UnsupportedMediaType, invalid_request)
+
+if TYPE_CHECKING:
+    from service.models import Models
+from service.errors import (
+    BadRequest,
+    Forbidden,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+    invalid_request,
+)
 
 T = TypeVar("T")
 
@@ -147,12 +160,29 @@ def check_api_key(request: Request, keys: list) -> None:
     """Bearer token against every configured key, in constant time."""
     if not keys:
         return
-    given = bearer_token(request)
+    if not _matches(bearer_token(request), keys):
+        raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+
+def check_admin_key(request: Request, admin_keys: list, api_keys: list) -> None:
+    """The model repository API's key: 403 while no admin key is configured (the API is off) or
+    for a key that is an API key but not an admin key; 401 for none or an unknown one."""
+    if not admin_keys:
+        raise Forbidden("the model repository API is off: set LIMOE_ADMIN_KEYS to use it", "repository_off")
+    try:
+        check_api_key(request, admin_keys)
+    except Unauthorized:
+        if api_keys and _matches(bearer_token(request), api_keys):
+            raise Forbidden("an API key cannot use the model repository API; send an admin key "
+                            "(LIMOE_ADMIN_KEYS)") from None
+        raise Unauthorized("missing or invalid admin key (send 'Authorization: Bearer <admin key>')") from None
+
+
+def _matches(given: bytes, keys: list) -> bool:
     ok = False
     for key in keys:  # no early exit: timing does not reveal which key matched
         ok |= hmac.compare_digest(given, key.get_secret_value().encode())
-    if not ok:
-        raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')")
+    return ok
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -264,11 +294,16 @@ class ServiceRoute(APIRoute):
         return handle
 
 
-def serving(request: Request) -> Engine:
-    """The engine, once it is ready to serve (503 until warm): the inference routes' dependency."""
-    engine: Engine = request.app.state.engine
-    engine.require_ready()
-    return engine
+def served_models(request: Request) -> "Models":
+    """The server's models (service.models.Models)."""
+    return request.app.state.models
+
+
+def serving(request: Request) -> Iterator[Engine]:
+    """The default model's engine, once it is ready to serve (503 until warm), held while the route
+    runs (service.models.Models.use): the dependency of the routes that name no model."""
+    with request.app.state.models.use() as engine:
+        yield engine
 
 
 def json_response(body: BaseModel, status: int = 200) -> Response:

@@ -8,6 +8,13 @@ window). Every request's result is stored as soon as it is known (`JobStore.put_
 start-up the runner takes up every unfinished batch where it stopped, skipping the requests that
 have a result, so a server killed in the middle of a job finishes it after a restart and the
 output holds each request exactly once.
+
+A request names its model in its body (`model`, as POST /v1/classify takes it; default: the
+server's default model). The first request naming a model pins that model's current version for
+the rest of the batch, recorded on the batch (`model_versions`): the batch holds that version
+(service.models.Loaded.lease) until it ends, so a rollout that begins meanwhile does not change
+its answers. A batch resumed after a restart uses the recorded versions; where one is no longer
+loaded, its requests fail with 404 not_found, naming it.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable
 from service import api_native
 from service.engine import Engine
 from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unprocessable
-from service.jobs import (ACTIVE, FINISHED, STATUSES, Batch, FileMeta, JobStore, JobsUnavailable, SqliteJobStore,
-                          new_id)
+from service.jobs import ACTIVE, FINISHED, STATUSES, Batch, FileMeta, JobStore, JobsUnavailable, SqliteJobStore, new_id
 from service.metrics import Metrics
+from service.models import Loaded, Models, UnknownModel, split_ref
 from service.settings import Settings
 
 log = logging.getLogger("limoe.service")
@@ -129,6 +136,12 @@ class Job:
     task: asyncio.Task | None = None
     stop: str | None = None  # "cancelled" or "expired": stop taking requests, then finish with that status
     lines: set[asyncio.Task] = field(default_factory=set)  # requests in flight
+    pins: dict[str, Loaded] = field(default_factory=dict)  # model name -> the version this batch holds
+
+    def release(self) -> None:
+        for loaded in self.pins.values():
+            loaded.release()
+        self.pins.clear()
 
     def halt(self, status: str) -> None:
         self.stop = self.stop or status
@@ -139,8 +152,8 @@ class Job:
 class JobRunner:
     """The batch jobs of one server: their lifecycle, the TTL cleanup, the metrics. Event loop only."""
 
-    def __init__(self, store: JobStore, engine: Engine, settings: Settings, metrics: Metrics):
-        self.store, self.engine, self.settings, self.metrics = store, engine, settings, metrics
+    def __init__(self, store: JobStore, models: Models, settings: Settings, metrics: Metrics):
+        self.store, self.models, self.settings, self.metrics = store, models, settings, metrics
         self.jobs: dict[str, Job] = {}
         self._cleaner: asyncio.Task | None = None
         self.clean_every_s = min(60.0, max(0.2, settings.jobs_ttl_s / 4))
@@ -247,6 +260,7 @@ class JobRunner:
             await self._set(job, "failed", errors=[{"code": "internal", "message": "the batch failed on the server",
                                                     "line": None, "param": None}])
         finally:
+            job.release()
             self.jobs.pop(b.id, None)
 
     def _validate(self, b: Batch) -> tuple[int, list[dict[str, Any]]]:
@@ -254,7 +268,7 @@ class JobRunner:
             return validate_input(f, b.endpoint, self.settings.jobs_max_lines)
 
     async def _wait_warm(self) -> None:
-        while not self.engine.warm:
+        while not self.models.ready:
             await asyncio.sleep(0.05)
 
     async def _requests(self, b: Batch, skip: set[int]) -> AsyncIterator[Line]:
@@ -278,7 +292,7 @@ class JobRunner:
                     await room.acquire()
                     if job.stop:
                         break
-                    task = asyncio.ensure_future(self._answer(b, request))
+                    task = asyncio.ensure_future(self._answer(job, request))
                     job.lines.add(task)
                     task.add_done_callback(lambda t: (job.lines.discard(t), room.release()))
             await asyncio.gather(*job.lines, return_exceptions=True)
@@ -286,14 +300,45 @@ class JobRunner:
             for t in job.lines:
                 t.cancel()
 
-    async def _answer(self, b: Batch, request: Line) -> None:
+    async def _engine(self, job: Job, payload: Any) -> Engine:
+        """The engine of the model a request names, at the version the batch pinned for it (see
+        the module's doc): pinned on first use, held until the batch ends, and recorded."""
+        ref = payload.get("model") if isinstance(payload, dict) else None
+        name, version = split_ref(ref if isinstance(ref, str) else None)
+        name = name or self.models.default
+        if version is not None:  # the request pins a version itself
+            return self.models.resolve(name, version).engine
+        if (loaded := job.pins.get(name)) is not None:
+            return loaded.engine
+        recorded = (job.batch.model_versions or {}).get(name)
+        if recorded is not None:
+            try:
+                loaded = self.models.resolve(name, recorded)
+            except UnknownModel:
+                raise UnknownModel(f"this batch started on model {name!r} version {recorded!r}, which is no longer "
+                                   "loaded") from None
+        else:
+            loaded = self.models.resolve(name)
+        if name in job.pins:  # another request pinned it meanwhile
+            return job.pins[name].engine
+        loaded.acquire()
+        job.pins[name] = loaded
+        if recorded is None:
+            versions = {**(job.batch.model_versions or {}), name: loaded.version}
+            job.batch = replace(job.batch, model_versions=versions)
+            await self.store.update_batch(job.batch.id, model_versions=versions)
+        return loaded.engine
+
+    async def _answer(self, job: Job, request: Line) -> None:
         """Answer one request and store its output record."""
+        b = job.batch
         try:
             if request.size > self.settings.max_body_bytes:
                 status, body = 413, {"error": f"request body over {self.settings.max_body_bytes} bytes",
                                      "code": "body_too_large"}
             else:
-                status, body = await ENDPOINTS[b.endpoint](self.engine, request.body)
+                engine = await self._engine(job, request.body)
+                status, body = await ENDPOINTS[b.endpoint](engine, request.body)
         except ServiceError as e:
             status, body = e.status, e.body()
         except Exception:
@@ -346,7 +391,7 @@ class JobRunner:
                 log.exception("jobs cleanup failed")
 
 
-async def start_jobs(state, engine: Engine) -> JobRunner | None:
+async def start_jobs(state, models: Models) -> JobRunner | None:
     """The app's job runner (`state`: app.state, with its settings and metrics), started; None,
     with the reason in `state.jobs_off`, when jobs are disabled or LIMOE_JOBS_DIR cannot be used
     (the rest of the server runs; the batch routes answer 503 with that reason)."""
@@ -360,6 +405,6 @@ async def start_jobs(state, engine: Engine) -> JobRunner | None:
         state.jobs_off = str(e)
         log.warning("batch jobs are off: %s", e)
         return None
-    runner = JobRunner(store, engine, settings, state.metrics)
+    runner = JobRunner(store, models, settings, state.metrics)
     await runner.start()
     return runner

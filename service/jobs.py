@@ -77,6 +77,7 @@ class Batch:
     total: int = 0  # requests in the input file, once validated
     completed: int = 0  # requests answered 2xx (in the output file)
     failed: int = 0  # the others (in the error file)
+    model_versions: dict[str, str] | None = None  # model name -> the version the batch pinned (job_runner)
 
     @property
     def active(self) -> bool:
@@ -98,7 +99,7 @@ class Batch:
             "expired_at": ts(self.expired_at), "cancelling_at": ts(self.cancelling_at),
             "cancelled_at": ts(self.cancelled_at),
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
-            "metadata": self.metadata}
+            "metadata": self.metadata, "model_versions": self.model_versions}
 
 
 class JobStore(Protocol):

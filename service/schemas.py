@@ -12,8 +12,18 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
-from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag,
-                      WithJsonSchema, model_validator)
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    Tag,
+    WithJsonSchema,
+    model_validator,
+)
 
 from service.errors import refuse
 
@@ -46,6 +56,9 @@ Templates = Annotated[list[str] | None, Field(description="prompt templates with
                                                           "model's")]
 TopK = Annotated[int | None, Field(ge=1, description="return only the best k labels")]
 Explain = Annotated[bool, Field(description="include how each image was routed through the experts")]
+ModelName = Annotated[str | None, Field(description="the model to use: a name this server serves (GET /v1/models), "
+                                                    "or name@version to pin a version; default: the server's "
+                                                    "default model", min_length=1, max_length=200)]
 
 
 class ClassifyRequest(BaseModel):
@@ -57,6 +70,7 @@ class ClassifyRequest(BaseModel):
     templates: Templates = None
     top_k: TopK = None
     explain: Explain = False
+    model: ModelName = None
 
 
 class ClassifyForm(BaseModel):
@@ -68,6 +82,7 @@ class ClassifyForm(BaseModel):
     templates: Templates = None
     top_k: TopK = None
     explain: Explain = False
+    model: ModelName = None
 
 
 def form_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -147,6 +162,7 @@ class EmbedRequest(BaseModel):
     images: Base64Images = []
     texts: list[str] = Field([], description="texts, embedded as given (no templates)")
     explain: Explain = False
+    model: ModelName = None
 
 
 class Embedding(BaseModel):
@@ -172,10 +188,16 @@ class ModelInfo(BaseModel):
     backend: str
     device: str
     ready: bool
+    default: bool = Field(description="requests that name no model get this one (the first of LIMOE_MODELS)")
+    current: bool = Field(description="the version that `name` alone means (the newest loaded)")
+    state: str = Field(description="READY, LOADING (warming up) or UNLOADING (finishing its requests)")
+    memory_bytes: int = Field(description="resident memory the server grew by while this version was opened")
+    loaded_at: float = Field(description="Unix time it was loaded")
     manifest: dict[str, Any] = Field(description="the store entry's manifest.json")
 
 
 class ModelsResponse(BaseModel):
+    default: str = Field(description="the default model's name")
     models: list[ModelInfo]
 
 
@@ -450,6 +472,8 @@ class BatchObject(BaseModel):
     cancelled_at: int | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
+    model_versions: dict[str, str] | None = Field(None, description="the model versions the batch answers with: "
+                                                  "each model its requests name, pinned when first used")
 
 
 class BatchList(BaseModel):

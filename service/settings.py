@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     # --- the model ------------------------------------------------------------------------------
     model: str = Field("limoe-small", description="model name in the store, or a path to an entry directory")
     model_version: str = Field("latest", description="store version, or 'latest'")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated models to serve at once: store names, name@version, or "
+        "entry directories; the first is the default (requests that name no model). Empty: LIMOE_MODEL alone")
+    store_poll_s: float = Field(0.0, ge=0, description="seconds between looks at the store for a newer version of "
+                                "each served name, loaded when found (0 = off; the repository API loads on demand)")
     model_store: Path = Field(default_factory=default_store, description="model store root")
     backend: Literal["onnx", "torchscript"] = "onnx"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -87,6 +92,9 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated Bearer keys; empty = no authentication")
     protect_health: bool = Field(False, description="require a key for health endpoints too")
     protect_metrics: bool = Field(False, description="require a key for /metrics too")
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated Bearer keys for the model repository API "
+        "(/v2/repository: load, unload, index), apart from LIMOE_API_KEYS; empty = that API is off")
 
     # --- server ---------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -98,7 +106,7 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(5.0, ge=0, description="after SIGTERM, readiness answers 503 but new requests are "
                                                         "still served this long (load balancers take a moment)")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "models", mode="before")
     @classmethod
     def _split_keys(cls, v):
         if isinstance(v, str):
@@ -121,10 +129,28 @@ class Settings(BaseSettings):
                              "be served)")
         if self.drain_grace_s >= self.drain_s:
             raise ValueError("LIMOE_DRAIN_GRACE_S must be shorter than LIMOE_DRAIN_S (the grace is part of the drain)")
+        if self.admin_keys and self.api_keys and {k.get_secret_value() for k in self.admin_keys} & {
+                k.get_secret_value() for k in self.api_keys}:
+            raise ValueError("LIMOE_ADMIN_KEYS and LIMOE_API_KEYS must not share a key (an API key must not "
+                             "load or unload models)")
         if self.quantized and self.backend != "onnx":
             raise ValueError("quantized graphs exist only for the onnx backend")
         return self
 
     @property
     def model_is_path(self) -> bool:
-        return os.sep in self.model or self.model.startswith(".")
+        return is_path(self.model)
+
+    @property
+    def model_refs(self) -> list[str]:
+        """The models to serve, the default first: LIMOE_MODELS, or LIMOE_MODEL (@ LIMOE_MODEL_VERSION)."""
+        if self.models:
+            return list(self.models)
+        if self.model_is_path or self.model_version == "latest":
+            return [self.model]
+        return [f"{self.model}@{self.model_version}"]
+
+
+def is_path(ref: str) -> bool:
+    """A model reference that names an entry directory rather than a store name."""
+    return os.sep in ref or ref.startswith(".")

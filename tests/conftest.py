@@ -3,8 +3,8 @@ import torch
 
 from limoe.cli import main
 from limoe.model.checkpoint import save_checkpoint
-from limoe.model.config import get_config
-from limoe.model.transformer import LIMoE
+from limoe.model.config import get_config, two_tower_counterpart
+from limoe.model.transformer import LIMoE, build_model
 from limoe.runtime.templates import DEFAULT_TEMPLATES
 from limoe.runtime.tokenizer import Tokenizer
 
@@ -68,3 +68,16 @@ def exported_capacity(tmp_path_factory):
 def exported_any(request):
     """Both entries, for what must hold whatever the inference routing."""
     return request.getfixturevalue("exported" if request.param == "dropless" else "exported_capacity")
+
+
+@pytest.fixture(scope="session")
+def exported_two_tower(tmp_path_factory):
+    """A tiny two-tower entry ("tt") exported through the CLI, fp32 and int8 graphs:
+    (model, tokenizer, entry directory)."""
+    root = tmp_path_factory.mktemp("two_tower")
+    torch.manual_seed(0)
+    model = build_model(two_tower_counterpart(get_config("tiny"))).eval()
+    tok = Tokenizer.train(CAPTIONS, vocab_size=model.cfg.vocab_size, context_length=model.cfg.context_length)
+    ckpt = save_checkpoint(model, root / "tt.safetensors", tokenizer=tok)
+    assert main(["export", str(ckpt), "--name", "tt", "--store", str(root / "store"), "--quantize", "int8"]) == 0
+    return model, tok, root / "store" / "tt" / "1"

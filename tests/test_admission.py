@@ -71,7 +71,7 @@ def until(condition, what: str) -> None:
 
 def decoded(engine) -> float:
     """Images decoded to pixels so far."""
-    return engine.metrics.registry.get_sample_value("limoe_preprocess_seconds_count") or 0.0
+    return engine.metrics.value("limoe_preprocess_seconds_count") or 0.0
 
 
 @pytest.fixture()

@@ -6,7 +6,9 @@ serve: the process is alive, /healthz is 200 and a good classify request gives t
 as before. Inputs that are unusual but valid (1x1, animated GIF, CMYK, 16-bit, transparency,
 data: URLs, old Hugging Face shapes) must succeed.
 
-One server for the whole module, with small limits so that "too large" is cheap to send.
+One server for the whole module, with small limits so that "too large" is cheap to send. It
+serves two models (LIMOE_MODELS: `limoe-tiny`, the default, and `limoe-small`), so the corpus
+runs against a multi-model server, and the model field's own bad values are in it too.
 All images are built in memory with Pillow; no fixture files.
 """
 
@@ -33,8 +35,9 @@ from tritonclient.utils import serialize_byte_tensor
 from servers import serve_process
 
 MODEL = "limoe-tiny"
+SECOND = "limoe-small"
 LIMITS = {
-    "model": MODEL,
+    "models": f"{MODEL},{SECOND}",
     "max_body_bytes": 200_000,
     "max_image_bytes": 100_000,
     "max_image_pixels": 1_000_000,
@@ -806,6 +809,27 @@ def test_v2_non_object_fields(server, client, name):
 def test_v2_unknown_model(server, client):
     r = client.post("/v2/models/no-such-model/infer", json={"inputs": v2_inputs()})
     assert_error(r, 404, "not_found")
+    assert_still_serving(server)
+
+
+# -- naming a model ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, status, code", [
+    ("no-such-model", 404, "not_found"), (f"{MODEL}@99", 404, "not_found"), ("", 422, "invalid_request"),
+    ("x" * 201, 422, "invalid_request"), (7, 422, "invalid_request"), (["a"], 422, "invalid_request"),
+    ("../../etc/passwd", 404, "not_found"), ("\u0000", 404, "not_found")])
+def test_bad_model_names(server, client, model, status, code):
+    r = client.post("/v1/classify", json={"images": [GOOD_B64], "labels": LABELS, "model": model})
+    assert_error(r, status, code)
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("image, status, code", [(CORRUPT, 400, "invalid_image"), (b"", 400, "invalid_image")])
+def test_bad_images_sent_to_the_second_model(server, client, image, status, code):
+    r = client.post("/v1/classify", json={"images": [b64(image)], "labels": LABELS, "model": SECOND})
+    assert_error(r, status, code)
+    good = client.post("/v1/classify", json={"images": [GOOD_B64], "labels": LABELS, "model": SECOND})
+    assert good.status_code == 200 and good.json()["model"] == SECOND
     assert_still_serving(server)
 
 

@@ -36,7 +36,7 @@ class Recorder:
 
 
 def _batcher(fn, max_batch=4, wait=0.05, queue=64):
-    return DynamicBatcher("image", fn, max_batch, wait, queue, Metrics())
+    return DynamicBatcher("image", fn, max_batch, wait, queue, Metrics().for_model("m", "1"))
 
 
 def test_n_concurrent_items_take_at_most_ceil_n_over_b_passes():
@@ -271,7 +271,7 @@ def test_interactive_items_go_first_and_low_ones_fill_passes_of_their_own_up_to_
     async def main():
         fn = GatedRecorder()
         fn.gate.clear()
-        b = DynamicBatcher("image", fn, 4, 0.02, 64, Metrics(), low_max_batch=2)
+        b = DynamicBatcher("image", fn, 4, 0.02, 64, Metrics().for_model("m", "1"), low_max_batch=2)
         b.start()
         first = b.submit(np.array([0.0]))
         await _busy_worker(fn)
@@ -295,7 +295,7 @@ def test_interactive_items_join_a_pass_of_low_ones_that_has_not_started():
     async def main():
         fn = GatedRecorder()
         fn.gate.clear()
-        b = DynamicBatcher("image", fn, 4, 5.0, 64, Metrics(), low_max_batch=4)
+        b = DynamicBatcher("image", fn, 4, 5.0, 64, Metrics().for_model("m", "1"), low_max_batch=4)
         b.start()
         first = [b.submit(np.array([float(v)])) for v in range(4)]
         await _busy_worker(fn)
@@ -318,7 +318,7 @@ def test_a_full_low_priority_queue_never_refuses_interactive_items():
     async def main():
         fn = GatedRecorder()
         fn.gate.clear()
-        b = DynamicBatcher("image", fn, 1, 0.0, 2, Metrics(), low_max_batch=1)
+        b = DynamicBatcher("image", fn, 1, 0.0, 2, Metrics().for_model("m", "1"), low_max_batch=1)
         b.start()
         first = b.submit(np.array([0.0]))
         await _busy_worker(fn)
@@ -345,7 +345,7 @@ def test_low_priority_items_fill_whole_passes_while_interactive_traffic_is_quiet
     async def main():
         fn = GatedRecorder()
         fn.gate.clear()
-        b = DynamicBatcher("image", fn, 4, 0.02, 64, Metrics(), low_max_batch=2, quiet_s=60)
+        b = DynamicBatcher("image", fn, 4, 0.02, 64, Metrics().for_model("m", "1"), low_max_batch=2, quiet_s=60)
         b.start()
         first = await b.submit_wait(np.array([9.0]), low=True)  # held in its pass
         await _busy_worker(fn)
@@ -389,7 +389,7 @@ def test_two_passes_run_at_once_each_in_its_own_thread():
     # both must be inside forward at once to pass the barrier (one pass at a time would break it).
     async def main():
         fn = PassGate(2)
-        b = DynamicBatcher("text", fn, 2, 0.0, 64, Metrics(), passes=2)
+        b = DynamicBatcher("text", fn, 2, 0.0, 64, Metrics().for_model("m", "1"), passes=2)
         b.start()
         futures = [b.submit(np.array([float(i)])) for i in range(6)]
         results = await asyncio.gather(*futures)
@@ -408,7 +408,7 @@ def test_one_pass_at_a_time_by_default():
     async def main():
         fn = PassGate(2)
         fn.barrier = threading.Barrier(2, timeout=0.2)
-        b = DynamicBatcher("text", fn, 2, 0.0, 64, Metrics())
+        b = DynamicBatcher("text", fn, 2, 0.0, 64, Metrics().for_model("m", "1"))
         b.start()
         futures = [b.submit(np.array([float(i)])) for i in range(4)]
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -429,7 +429,7 @@ def test_while_every_pass_is_busy_interactive_items_still_go_first():
     async def main():
         fn = GatedRecorder()
         fn.gate.clear()
-        b = DynamicBatcher("image", fn, 1, 0.0, 64, Metrics(), passes=2)
+        b = DynamicBatcher("image", fn, 1, 0.0, 64, Metrics().for_model("m", "1"), passes=2)
         handed: list[list[float]] = []
         run_pass = b._pass
 

@@ -441,7 +441,7 @@ def check_query(query: str, scrape_labels: dict[str, str]) -> None:
 
 def test_registry_labels_sees_the_gauges():
     labels = registry_labels()
-    assert labels["limoe_queue_depth"] == {"encoder"} and labels["limoe_inflight_requests"] == set()
+    assert labels["limoe_queue_depth"] == {"model", "version", "encoder"} and labels["limoe_inflight_requests"] == set()
 
 
 KEDA_OVERLAYS = [o for o in OVERLAYS if o != "cpu-hpa"]

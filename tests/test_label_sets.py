@@ -37,7 +37,7 @@ def text_rows(fake: FakeBackend) -> list[int]:
 
 
 def counter(engine: Engine, name: str, result: str) -> float:
-    return engine.metrics.registry.get_sample_value(name, {"result": result}) or 0.0
+    return engine.metrics.value(name, result=result) or 0.0
 
 
 def test_a_label_set_seen_before_is_the_same_matrix():
@@ -57,7 +57,7 @@ def test_a_label_set_seen_before_is_the_same_matrix():
     assert counter(engine, "limoe_label_set_cache_total", "miss") == 1
     # the per-label counter still counts every label served from a cache
     assert counter(engine, "limoe_label_cache_total", "hit") == 2
-    assert engine.metrics.registry.get_sample_value("limoe_label_set_cache_bytes") == first.nbytes
+    assert engine.metrics.value("limoe_label_set_cache_bytes") == first.nbytes
 
 
 def test_other_templates_or_another_label_order_are_other_sets():

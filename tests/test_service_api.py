@@ -130,7 +130,7 @@ def test_label_embeddings_are_cached(server):
     assert after_first - before == len(labels) * templates  # every prompt once
     assert after_second == after_first  # repeated label set: image encoder only
     metrics = httpx.get(f"{base}/metrics").text
-    assert 'limoe_label_cache_total{result="hit"}' in metrics
+    assert 'limoe_label_cache_total{model="fake",result="hit",version="1"}' in metrics
 
 
 def test_concurrent_requests_get_their_own_results(server):
@@ -292,7 +292,7 @@ def test_request_metrics_use_route_templates(server):
     assert 'limoe_requests_total{method="GET",route="/v2/models/{name}/ready",status="200"}' in text
     assert 'route="unmatched",status="404"' in text
     for name in ("limoe_queue_wait_seconds_bucket", "limoe_inference_seconds_bucket", "limoe_batch_size_bucket",
-                 "limoe_preprocess_seconds_bucket", "limoe_queue_depth", 'limoe_expert_tokens_total{expert="0",layer="1",modality="image"}',
+                 "limoe_preprocess_seconds_bucket", "limoe_queue_depth", 'limoe_expert_tokens_total{expert="0",layer="1",modality="image",model="fake",version="1"}',
                  'modality="text"', "limoe_model_info"):
         assert name in text, name
 

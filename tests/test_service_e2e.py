@@ -132,7 +132,8 @@ def test_a_dropless_model_drops_nothing_and_routes_every_layer(live):
     text = httpx.get(f"{base}/metrics", timeout=10).text
     routed: dict[tuple[str, str], float] = {}
     for layer, modality, value in re.findall(
-            r'^limoe_expert_tokens_total\{expert="\d+",layer="(\d+)",modality="(\w+)"\} ([0-9.e+]+)$', text, re.M):
+            r'^limoe_expert_tokens_total\{expert="\d+",layer="(\d+)",modality="(\w+)",model="limoe-tiny",version="1"\} '
+            r'([0-9.e+]+)$', text, re.M):
         routed[layer, modality] = routed.get((layer, modality), 0) + float(value)
     layers = ModelStore(ROOT / "model_store").load("limoe-tiny").data["moe"]["layers"]
     assert {(str(layer), m) for layer in layers for m in ("image", "text")} <= {k for k, v in routed.items() if v > 0}

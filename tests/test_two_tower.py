@@ -10,16 +10,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import CAPTIONS, random_batch
+from conftest import random_batch
 from PIL import Image
 from servers import serve_process
 
 from limoe.cli import main
-from limoe.model.checkpoint import load_checkpoint, save_checkpoint
+from limoe.model.checkpoint import load_checkpoint
 from limoe.model.config import LIMoEConfig, dense_counterpart, get_config, two_tower_counterpart
 from limoe.model.stats import model_stats
 from limoe.model.transformer import LIMoE, TwoTower, build_model
-from limoe.runtime.tokenizer import Tokenizer
 
 LABELS = ["red circle", "blue square", "cat"]
 
@@ -123,15 +122,8 @@ def test_trained_by_limoe_train_and_reloaded(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def entry(tmp_path_factory):
-    """A tiny two-tower entry exported through the CLI, fp32 and int8 graphs."""
-    root = tmp_path_factory.mktemp("two_tower")
-    torch.manual_seed(0)
-    model = build_model(two_tower_counterpart(get_config("tiny"))).eval()
-    tok = Tokenizer.train(CAPTIONS, vocab_size=model.cfg.vocab_size, context_length=model.cfg.context_length)
-    ckpt = save_checkpoint(model, root / "tt.safetensors", tokenizer=tok)
-    assert main(["export", str(ckpt), "--name", "tt", "--store", str(root / "store"), "--quantize", "int8"]) == 0
-    return model, tok, root / "store" / "tt" / "1"
+def entry(exported_two_tower):
+    return exported_two_tower
 
 
 def test_the_entry_has_both_graphs_and_no_routing(entry):

@@ -2,7 +2,8 @@
 package, via executable_path) against real `limoe serve` processes, one browser for the module.
 
 Two servers start side by side: the default limoe-small (3 MoE layers, dropless) with a small
-image limit, and limoe-tiny with API keys on; a third serves a tiny entry with capacity routing,
+image limit, serving limoe-tiny beside it (LIMOE_MODELS: the page's model picker), and
+limoe-tiny with API keys on; a third serves a tiny entry with capacity routing,
 which drops tokens. Every page visit records
 the requests the page makes and checks that each went to its own server; axe-core (vendored in
 tests/vendor/) checks accessibility in the browser. Screenshots (desktop and phone) are written
@@ -37,10 +38,11 @@ TIMEOUT_MS = 20_000
 
 @pytest.fixture(scope="module")
 def servers():
-    """{"open": base URL of limoe-small, "keyed": base URL of limoe-tiny with a key required}."""
+    """{"open": base URL of limoe-small (and limoe-tiny), "keyed": base URL of limoe-tiny with a key required}."""
     with contextlib.ExitStack() as stack:
         common = {"max_batch_size": 4, "spinning": "false", "threads": 1}
-        started = {"open": Server("web open", model="limoe-small", max_image_bytes=IMAGE_LIMIT, **common),
+        started = {"open": Server("web open", models="limoe-small,limoe-tiny", max_image_bytes=IMAGE_LIMIT,
+                                  **common),
                    "keyed": Server("web keyed", model="limoe-tiny", api_keys=KEY, **common)}
         for server in started.values():  # both start before either is waited for
             stack.enter_context(server)
@@ -231,7 +233,32 @@ def test_dropped_patches_are_crossed_out_and_counted(exported_capacity, visit):
             assert f"patches; {layer['dropped']} dropped" in layers.nth(m).inner_text()
         assert page.locator("#legend li").all_inner_texts()[-1] == "Dropped"
         assert page.locator("#legend li").count() == routing["num_experts"] + 1
+        assert page.is_hidden("#model-picker-field")  # one model: nothing to pick
         assert v.axe() == []
+
+
+def test_the_model_picker_classifies_with_the_chosen_model(servers, visit):
+    base = servers["open"]
+    v = visit(base)
+    page = v.page
+    page.wait_for_selector("#model-info dd:has-text('limoe-small v1')")
+    assert page.is_visible("#model-picker-field")
+    options = page.eval_on_selector_all("#model-picker option", "os => os.map(o => [o.value, o.textContent])")
+    assert options == [["limoe-small", "limoe-small (default)"], ["limoe-tiny", "limoe-tiny"]]
+    page.select_option("#model-picker", "limoe-tiny")
+    page.wait_for_selector("#model-info dd:has-text('limoe-tiny v1')")
+    labels = ["fire", "rocket", "sun"]
+    v.classify(str(SAMPLES / "rocket.png"), ", ".join(labels))
+    page.wait_for_selector("#results .result-row")
+    expected = api_classify(base, (SAMPLES / "rocket.png").read_bytes(), labels, model="limoe-tiny")
+    assert expected["model"] == "limoe-tiny"
+    shown = rows(page)
+    assert [label for label, _ in shown] == [x["label"] for x in expected["results"][0]["labels"]]
+    for (_, pct), x in zip(shown, expected["results"][0]["labels"]):
+        assert pct == pytest.approx(x["score"] * 100, abs=0.06)
+    tiny_layers = len(httpx.get(base + "/v1/models").json()["models"][1]["manifest"]["moe"]["layers"])
+    assert page.locator("#routing .routing-layer").count() == tiny_layers
+    assert v.axe() == []
 
 
 def test_sample_gallery_on_a_phone(servers, visit):

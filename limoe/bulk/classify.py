@@ -233,9 +233,12 @@ def decode_item(item: Item, cfg: PreprocessConfig, max_pixels: int = MAX_PIXELS,
 
 # -- the model -----------------------------------------------------------------------------------------
 def load_entry(model: str, version: str = "latest", store: str | Path | None = None) -> Manifest:
-    """A verified store entry: a name in `store` (default `default_store()`), or an entry directory."""
+    """A verified store entry: a name in `store` (default `default_store()`), `name@version`, or an
+    entry directory."""
     if os.sep in model or model.startswith("."):  # a path, as the server's LIMOE_MODEL
         return verify(Path(model))
+    model, _, pinned = model.partition("@")  # name@2, as the server's model names
+    version = pinned or version
     return ModelStore(store or default_store()).load(model, version)
 
 

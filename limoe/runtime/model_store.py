@@ -106,7 +106,7 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _version_key(v: str) -> tuple:
+def version_key(v: str) -> tuple:
     """Numeric versions sort as numbers ("10" after "9"), and after any non-numeric one."""
     return (1, int(v), "") if v.isdigit() else (0, 0, v)
 
@@ -280,7 +280,7 @@ class ModelStore:
             return []
         found = [p.name for p in base.iterdir()
                  if p.is_dir() and _IDENTIFIER.fullmatch(p.name) and (p / MANIFEST).is_file()]
-        return sorted(found, key=_version_key)
+        return sorted(found, key=version_key)
 
     def resolve(self, name: str, version: str = "latest") -> Path:
         """The entry directory; "latest" is the highest version."""

@@ -48,6 +48,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     seed: int = 0
     checkpoint_every: int = 200  # steps between checkpoints (the last step always saves)
+    keep_every: int = 0  # also keep the weights of every N-th step as steps/model-N.safetensors (0 = off)
     log_every: int = 1  # steps between JSONL log lines
     num_workers: int = 0  # threads decoding examples for a batch (0 = inline)
     prefetch: bool = True  # load step s + 1's batch in a background thread while step s computes
@@ -362,6 +363,10 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
                 bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", lr=f"{lr:.2e}")
             if rank == 0 and (done % train_cfg.checkpoint_every == 0 or done in (train_cfg.steps, end)):
                 _save(out, model, tokenizer, opt, done, train_cfg, meta, head)
+            if rank == 0 and train_cfg.keep_every and done % train_cfg.keep_every == 0:
+                (out / "steps").mkdir(exist_ok=True)
+                save_checkpoint(model, out / "steps" / f"model-{done}.safetensors", tokenizer=tokenizer,
+                                extra={"step": done, "train": asdict(train_cfg), **(meta or {})})
     finally:
         if bar is not None:
             bar.close()

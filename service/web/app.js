@@ -6,7 +6,8 @@ const API = { models: "/v1/models", classify: "/v1/classify" };
 const SAMPLES = "/web/samples/";
 
 const state = {
-  model: null, // /v1/models' entry for the loaded model
+  model: null, // /v1/models' entry for the model the page classifies with (the picker's choice)
+  models: [], // every model the server serves, at its current version
   images: [], // {name, file, url}: the images the next request sends
   labels: [], // committed label chips
   shown: null, // {images, answer, ms}: the answer on screen and the images it is about
@@ -135,7 +136,10 @@ function setStatus(text) {
 async function loadModel() {
   try {
     const { models } = await api(API.models);
-    state.model = models[0];
+    state.models = models.filter((m) => m.current);
+    const chosen = $("model-picker").value;
+    state.model = state.models.find((m) => m.name === chosen) ?? state.models.find((m) => m.default) ?? state.models[0];
+    renderPicker();
     renderModel(state.model);
     if (!state.model.ready) setTimeout(loadModel, 2000);
     return true;
@@ -144,6 +148,22 @@ async function loadModel() {
     else showError(err);
     return false;
   }
+}
+
+/** The model picker: one option per model served (the server's default first), shown when there are several. */
+function renderPicker() {
+  const picker = $("model-picker");
+  const sorted = [...state.models].sort((a, b) => (b.default - a.default) || a.name.localeCompare(b.name));
+  picker.replaceChildren(...sorted.map((m) =>
+    h("option", { value: m.name, selected: m.name === state.model.name,
+                  text: m.default ? `${m.name} (default)` : m.name })));
+  $("model-picker-field").hidden = state.models.length < 2;
+}
+
+function pickModel() {
+  state.model = state.models.find((m) => m.name === $("model-picker").value) ?? state.model;
+  renderModel(state.model);
+  setStatus(`Classifying with ${state.model.name} v${state.model.version}.`);
 }
 
 function renderModel(m) {
@@ -332,6 +352,7 @@ async function classify() {
   for (const label of labels) form.append("labels", label);
   for (const template of templatesToSend()) form.append("templates", template);
   form.append("explain", "true");
+  if (state.model && !state.model.default) form.append("model", state.model.name);
   setBusy(true);
   setStatus(`Classifying ${plural(images.length, "image")}…`);
   const started = performance.now();
@@ -555,6 +576,7 @@ function start() {
     classify();
   });
   $("auth-form").addEventListener("submit", useKey);
+  $("model-picker").addEventListener("change", pickModel);
   $("labels").addEventListener("input", onLabelsInput);
   $("labels").addEventListener("keydown", onLabelsKey);
   $("tint").addEventListener("input", redrawPatches);
