@@ -257,6 +257,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
                 else "not ready"}
         if engine is not None:
             body.update(model=engine.backend.name, version=engine.backend.version, device=engine.backend.device)
+            if engine.stuck:
+                body.update(status="not ready", stuck_passes=engine.stuck)
         return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")

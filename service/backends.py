@@ -116,10 +116,12 @@ class FakeBackend:
     An image's embedding is a fixed random projection of its per-channel means and a text's of
     its token counts, so results depend only on the item itself. Every call is recorded in
     `calls` (modality, batch size); `delay_s` slows each forward pass; `fail` (a predicate on the
-    batch) makes a forward pass raise, to test error isolation."""
+    batch) makes a forward pass raise, to test error isolation; `hang` (another) makes it block
+    until `unhang` is set (a stuck pass: tests of LIMOE_INFER_TIMEOUT_S)."""
 
     def __init__(self, image_size: int = 16, embed_dim: int = 8, num_experts: int = 4, moe_layers: int = 2,
-                 delay_s: float = 0.0, fail: Callable[[str, np.ndarray], bool] | None = None):
+                 delay_s: float = 0.0, fail: Callable[[str, np.ndarray], bool] | None = None,
+                 hang: Callable[[str, np.ndarray], bool] | None = None):
         words = ["cat", "dog", "bird", "red", "green", "blue", "circle", "square", "a photo of a"]
         self.tokenizer = Tokenizer.train(words * 3, vocab_size=320, context_length=8)
         self.preprocess = PreprocessConfig(image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -127,7 +129,8 @@ class FakeBackend:
         self.logit_scale = 10.0
         self.moe = MoEInfo(tuple(range(1, 2 * moe_layers, 2)), num_experts, top_k=1, inference_routing="dropless")
         self.embed_dim = embed_dim
-        self.delay_s, self.fail = delay_s, fail
+        self.delay_s, self.fail, self.hang = delay_s, fail, hang
+        self.unhang = threading.Event()
         self.calls: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         rng = np.random.default_rng(0)
@@ -148,6 +151,8 @@ class FakeBackend:
             self.calls.append((modality, len(x)))
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.hang and self.hang(modality, x):
+            self.unhang.wait(120)
         if self.fail and self.fail(modality, x):
             raise RuntimeError(f"injected failure in the {modality} encoder")
 

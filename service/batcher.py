@@ -24,6 +24,14 @@ forward pass of a few low-priority examples, its own pass carries none (interact
 come while a low-priority batch is being collected do join it), and a job alone on the server
 runs as fast as a bulk request. Low-priority items have a queue and places of their own (`low_room`), so
 however big a job is, interactive requests never get 429 because of it; a job only waits for room.
+
+A forward pass that hangs (`pass_timeout_s`, LIMOE_INFER_TIMEOUT_S): when a pass has not returned
+by then, its items fail with 504 inference_timeout (never retried: they would hang again), the
+pass is counted (limoe_inference_stuck_total) and left to its thread, and later passes go to a
+fresh thread pool, so the encoder keeps serving. While a pass is stuck, `stuck` is non-zero (the
+server reports not ready); a stuck pass that returns later is dropped and counted off. Threads
+cannot be killed: once more passes are stuck at once than the batcher runs (`passes`), `alive`
+turns false, /healthz answers 503 and the kubelet's liveness probe restarts the pod.
 """
 
 from __future__ import annotations
@@ -41,13 +49,17 @@ from typing import Callable
 import numpy as np
 
 from limoe.runtime.encoders import EncoderOutput
-from service.errors import Overloaded
+from service.errors import Overloaded, ServiceError
 from service.metrics import Metrics
 
 # Low-priority items fill whole passes once no interactive item came for this long (seconds).
 QUIET_S = 1.0
 
 log = logging.getLogger("limoe.service")
+
+
+class InferenceTimeout(ServiceError):
+    status, code = 504, "inference_timeout"
 
 
 @dataclass
@@ -140,8 +152,11 @@ class DynamicBatcher:
     def __init__(self, name: str, forward: Callable[[np.ndarray], EncoderOutput], max_batch: int,
                  max_wait_s: float, queue_size: int, metrics: Metrics,
                  on_batch: Callable[[EncoderOutput], None] | None = None, low_max_batch: int | None = None,
-                 quiet_s: float = QUIET_S, passes: int = 1):
+                 quiet_s: float = QUIET_S, passes: int = 1, pass_timeout_s: float | None = None):
         self.name, self.forward = name, forward
+        self.passes, self.pass_timeout_s = passes, pass_timeout_s or None
+        self.stuck = 0  # passes past pass_timeout_s that have not returned
+        self._abandoned: list[ThreadPoolExecutor] = []  # pools left to their stuck threads
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.low_max_batch = max_batch if low_max_batch is None else min(low_max_batch, max_batch)
         self.quiet_s = quiet_s
@@ -179,11 +194,14 @@ class DynamicBatcher:
         for item in left:
             if not item.future.done():
                 item.future.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=not self.stuck, cancel_futures=True)
+        for pool in self._abandoned:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+        """The worker runs, and no more passes are stuck than the batcher runs (see the module doc)."""
+        return self._task is not None and not self._task.done() and self.stuck <= self.passes
 
     @property
     def depth(self) -> int:
@@ -337,10 +355,41 @@ class DynamicBatcher:
         out = self.forward(x)
         return out, time.perf_counter() - started
 
+    async def _run_pass(self, loop: asyncio.AbstractEventLoop, x: np.ndarray) -> tuple[EncoderOutput, float]:
+        """The forward pass in a pass thread, under `pass_timeout_s` (see the module doc)."""
+        future = loop.run_in_executor(self._executor, self._timed_forward, x)
+        if self.pass_timeout_s is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.pass_timeout_s)
+        except TimeoutError:
+            self.stuck += 1
+            self.metrics.inference_stuck.labels(self.name).inc()
+            log.error("%s forward pass of %d examples did not return within LIMOE_INFER_TIMEOUT_S=%gs: its items "
+                      "get 504; later passes go to a fresh thread (%d stuck)", self.name, len(x),
+                      self.pass_timeout_s, self.stuck)
+            self._abandoned.append(self._executor)
+            self._executor = ThreadPoolExecutor(max_workers=self.passes, thread_name_prefix=f"limoe-{self.name}")
+            started = time.perf_counter() - self.pass_timeout_s
+            future.add_done_callback(lambda _: self._unstuck(started))
+            raise InferenceTimeout(f"the {self.name} encoder's forward pass did not finish within "
+                                   f"{self.pass_timeout_s:g} s") from None
+
+    def _unstuck(self, started: float) -> None:
+        self.stuck -= 1
+        log.warning("%s: a stuck forward pass returned after %.1fs (dropped); %d still stuck", self.name,
+                    time.perf_counter() - started, self.stuck)
+
     async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         x = np.concatenate([item.x for item in batch])
         try:
-            out, seconds = await loop.run_in_executor(self._executor, self._timed_forward, x)
+            out, seconds = await self._run_pass(loop, x)
+        except InferenceTimeout as e:  # not retried item by item: each would hang again
+            self.metrics.items.labels(self.name, "inference_timeout").inc(len(x))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
         except Exception as e:
             if len(batch) > 1:  # isolate the culprit: retry each item alone
                 log.warning("%s batch of %d failed (%s); retrying items one by one", self.name, len(batch), e)

@@ -131,7 +131,8 @@ class Engine:
             self.metrics.observe_routing(modality, self.moe_layers, self.num_experts, out.expert_index, out.dropped)
 
         return DynamicBatcher(modality, forward, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size,
-                              self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch, passes=s.encoder_passes)
+                              self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch, passes=s.encoder_passes,
+                              pass_timeout_s=s.infer_timeout_s)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self, sizes: Sequence[int] | None = None) -> None:
@@ -183,9 +184,14 @@ class Engine:
         return self.image_batcher.alive and self.text_batcher.alive
 
     @property
+    def stuck(self) -> int:
+        """Forward passes past LIMOE_INFER_TIMEOUT_S that have not returned."""
+        return self.image_batcher.stuck + self.text_batcher.stuck
+
+    @property
     def ready(self) -> bool:
-        """Ready for new traffic (readiness probes): warm, and not shutting down."""
-        return self.warm and not self.draining
+        """Ready for new traffic (readiness probes): warm, no forward pass stuck, not shutting down."""
+        return self.warm and not self.draining and not self.stuck
 
     def require_ready(self) -> None:
         """NotReady (503) until the model is warm. A draining server still serves."""

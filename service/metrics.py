@@ -34,6 +34,8 @@ class Metrics:
                                             M, buckets=_LATENCY, registry=r)
         self.inference_seconds = Histogram("limoe_inference_seconds", "one batched forward pass",
                                            [*M, "encoder"], buckets=_LATENCY, registry=r)
+        self.inference_stuck = Counter("limoe_inference_stuck_total", "forward passes that did not return within "
+                                       "LIMOE_INFER_TIMEOUT_S (their items got 504)", [*M, "encoder"], registry=r)
         self.batch_size = Histogram("limoe_batch_size", "items per forward pass", [*M, "encoder"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.body_bytes = Gauge("limoe_request_body_bytes_in_flight",
@@ -78,7 +80,7 @@ class Metrics:
         return ModelMetrics(self, name, version)
 
 
-PER_MODEL = ("queue_seconds", "preprocess_seconds", "inference_seconds", "batch_size", "queue_depth", "items",
+PER_MODEL = ("queue_seconds", "preprocess_seconds", "inference_seconds", "inference_stuck", "batch_size", "queue_depth", "items",
              "label_cache", "label_cache_size", "label_set_cache", "label_set_cache_bytes", "model_ready",
              "model_memory")
 GAUGES = {"queue_depth": [("image",), ("text",)], "label_cache_size": [()], "label_set_cache_bytes": [()],

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     queue_size: int = Field(256, ge=1, description="items waiting per encoder before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request still unanswered then gets 504")
+    infer_timeout_s: float = Field(60.0, ge=0, description="a forward pass that has not returned by then is stuck: "
+                                   "its items get 504, the server reports not ready while it stays stuck, and "
+                                   "/healthz fails once more passes are stuck than LIMOE_ENCODER_PASSES (0 = off)")
     preprocess_workers: int = Field(2, ge=1, le=64, description="threads decoding and resizing images")
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
 
