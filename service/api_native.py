@@ -41,7 +41,7 @@ from service.schemas import (
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["native"], route_class=ServiceRoute, strict_content_type=False)
-ERRORS = error_responses(400, 413, 415, 422, 429, 503, 504)
+ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 503, 504)  # 404: an unknown `model`
 
 
 # -- multipart/form-data -------------------------------------------------------------------------------

@@ -261,7 +261,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
                 body.update(status="not ready", stuck_passes=engine.stuck)
         return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"description": "the Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus(request: Request) -> Response:
         models = request.app.state.models
         for v in models.all() if models is not None else ():

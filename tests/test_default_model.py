@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import httpx
-
 from servers import ROOT, serve_process
 
 DATA = Path(__file__).parent / "data" / "twemoji"
@@ -33,7 +32,8 @@ def test_default_model_classifies_emoji_in_an_unseen_art_style():
     assert r.status_code == 200, r.text
     # Dropless: after this traffic every MoE layer routed image and text tokens, and none was dropped.
     routed = {(layer, modality) for layer, modality, value in re.findall(
-        r'^limoe_expert_tokens_total\{expert="\d+",layer="(\d+)",modality="(\w+)"\} ([0-9.e+]+)$', metrics, re.M)
+        r'^limoe_expert_tokens_total\{expert="\d+",layer="(\d+)",modality="(\w+)",model="limoe-small",version="\d+"\} '
+        r'([0-9.e+]+)$', metrics, re.M)
         if float(value) > 0}
     assert default["moe"]["inference_routing"] == "dropless"
     assert {(str(layer), m) for layer in default["moe"]["layers"] for m in ("image", "text")} <= routed
