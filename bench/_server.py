@@ -77,8 +77,9 @@ class Server:
     a temporary file (never an unread pipe, which would block the server once full), shown if it
     fails to become ready."""
 
-    def __init__(self, name: str = "limoe serve", **env):
+    def __init__(self, name: str = "limoe serve", cgroup: Path | None = None, **env):
         self.name = name
+        self.cgroup = cgroup  # a cgroup directory to start in (its cgroup.procs), e.g. one with a memory limit
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "LIMOE_HOST": "127.0.0.1", "LIMOE_PORT": str(self.port),
@@ -91,9 +92,16 @@ class Server:
     def start(self) -> Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "limoe", "serve"], cwd=ROOT, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=self._in_child)
         self.process = psutil.Process(self.proc.pid)
         return self
+
+    def _in_child(self) -> None:
+        """Before exec: die with the parent, and join the cgroup first, so that all the server's
+        memory is charged to it."""
+        _die_with_parent()
+        if self.cgroup is not None:
+            (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         def gone() -> str | None:

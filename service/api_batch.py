@@ -28,6 +28,33 @@ ERRORS = error_responses(400, 404, 409, 413, 415, 422, 429, 503)
 WINDOWS_S = {"24h": 24 * 3600}
 
 
+def links(**targets: tuple[str, str, dict]) -> dict[int | str, dict]:
+    """ERRORS plus OpenAPI links on the 200 answer: name -> (path, method, what of the answer goes
+    where). They tell a client (and schemathesis' stateful runs) how one call leads to the next:
+    upload -> create a batch -> poll it -> read its files."""
+    def ref(path: str, method: str) -> str:
+        return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+    return {**ERRORS, 200: {"description": "Successful Response", "links": {
+        name: {"operationRef": ref(path, method), **fields} for name, (path, method, fields) in targets.items()}}}
+
+
+def taking(param: str, field: str) -> dict:
+    """A link's target parameter `param` (in the path) from the field `field` of this answer."""
+    return {"parameters": {f"path.{param}": f"$response.body#/{field}"}}
+
+
+FILE_LINKS = links(CreateBatch=("/v1/batches", "post", {"requestBody": {"input_file_id": "$response.body#/id"}}),
+                   GetFile=("/v1/files/{file_id}", "get", taking("file_id", "id")),
+                   GetFileContent=("/v1/files/{file_id}/content", "get", taking("file_id", "id")),
+                   DeleteFile=("/v1/files/{file_id}", "delete", taking("file_id", "id")))
+BATCH_LINKS = links(GetBatch=("/v1/batches/{batch_id}", "get", taking("batch_id", "id")),
+                    CancelBatch=("/v1/batches/{batch_id}/cancel", "post", taking("batch_id", "id")),
+                    GetInput=("/v1/files/{file_id}/content", "get", taking("file_id", "input_file_id")),
+                    GetOutput=("/v1/files/{file_id}/content", "get", taking("file_id", "output_file_id")),
+                    GetErrors=("/v1/files/{file_id}/content", "get", taking("file_id", "error_file_id")))
+
+
 class JobsUnavailable(ServiceError):
     status, code = 503, "jobs_unavailable"
 
@@ -66,7 +93,7 @@ async def owned_batch(runner: JobRunner, batch_id: str, request: Request) -> Bat
 # -- files --------------------------------------------------------------------------------------------------
 
 @router.post("/files", summary="Upload a batch input file (multipart: file, purpose=batch)",
-             response_model=FileObject, responses=ERRORS, openapi_extra={"requestBody": {"content": {
+             response_model=FileObject, responses=FILE_LINKS, openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "required": ["file", "purpose"], "properties": {
                      "file": {"type": "string", "format": "binary"},
                      "purpose": {"type": "string", "enum": ["batch"]}}}}}}})
@@ -121,7 +148,7 @@ async def delete_file(file_id: str, request: Request, runner: JobRunner = Depend
 # -- batches ------------------------------------------------------------------------------------------------
 
 @router.post("/batches", summary="Run the requests of an input file as a batch", response_model=BatchObject,
-             responses=ERRORS)
+             responses=BATCH_LINKS)
 async def create_batch(body: BatchCreate, request: Request, runner: JobRunner = Depends(jobs)) -> JSONResponse:
     meta = await owned_file(runner, body.input_file_id, request)
     if meta.purpose != "batch":
@@ -139,7 +166,7 @@ async def create_batch(body: BatchCreate, request: Request, runner: JobRunner = 
 
 
 @router.get("/batches/{batch_id}", summary="A batch's status and request counts", response_model=BatchObject,
-            responses=ERRORS)
+            responses=BATCH_LINKS)
 async def get_batch(batch_id: str, request: Request, runner: JobRunner = Depends(jobs)) -> JSONResponse:
     return JSONResponse((await owned_batch(runner, batch_id, request)).to_api())
 

@@ -21,6 +21,7 @@ from service.http import (
     answer,
     b64decode,
     deadline_s,
+    forget_body,
     json_response,
     media_type,
     raw_body,
@@ -78,10 +79,13 @@ async def read_form(request: Request, max_images: int, max_labels: int) -> Class
     if not body.rstrip(b"\r\n").endswith(b"--" + boundary.encode("latin-1") + b"--"):
         raise BadRequest("malformed multipart body: it ends before the closing boundary (truncated?)",
                          "invalid_multipart")
+    del body
     try:
         form = await _FormParser(request, max_images, max_labels + 40).parse()
     except MultiPartException as e:
         raise BadRequest(f"malformed multipart body: {e.message}", "invalid_multipart") from None
+    finally:
+        forget_body(request)  # the parts hold it now
     images = []
     try:
         for f in form.getlist("images"):

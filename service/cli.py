@@ -92,7 +92,7 @@ def serve(argv_overrides: dict | None = None) -> int:
         return 2
     from limoe.runtime.model_store import ModelStoreError
     from service.backends import DeviceError, check_device, load_manifest
-    from service.models import ModelRef, ref_settings
+    from service.models import ModelRef, fix_mmap_threshold, ref_settings
 
     try:  # fail before uvicorn starts, with one clear line instead of a lifespan traceback
         check_device(settings)
@@ -105,6 +105,8 @@ def serve(argv_overrides: dict | None = None) -> int:
         except ModelStoreError as e:
             print(f"error: cannot serve model {ref!r}: {e}", file=sys.stderr)
             return 1
+    if settings.mmap_threshold_bytes:
+        fix_mmap_threshold(settings.mmap_threshold_bytes)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("limoe.service").info("settings: %s", describe_settings(settings))
     from service.http import http_protocol

@@ -15,7 +15,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from limoe.runtime.preprocess import ImageError, ImageTooLargeError, decode_image
+from limoe.runtime.preprocess import ImageError, ImageTooLargeError, PixelBudget, decode_image
 from limoe.runtime.routing_counts import expert_counts
 from limoe.runtime.zeroshot import ensemble, fill_templates, zero_shot_scores
 from service.backends import Backend
@@ -102,9 +102,11 @@ class LabelCache(LRU):
 
 class Engine:
     """One model version's serving: its batchers, caches and decoding pools. `metrics`: the
-    server's (this version's series are labelled with its name and version) or a ModelMetrics."""
+    server's (this version's series are labelled with its name and version) or a ModelMetrics.
+    `pixels`: the decoding budget it shares with the server's other models (its own by default)."""
 
-    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | ModelMetrics):
+    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | ModelMetrics,
+                 pixels: PixelBudget | None = None):
         if isinstance(metrics, Metrics):
             metrics = metrics.for_model(backend.name, backend.version)
         self.backend, self.settings, self.metrics = backend, settings, metrics
@@ -116,6 +118,7 @@ class Engine:
         # label set seen before costs one lookup, not C of them and a stack.
         self.label_sets = LRU(settings.label_set_cache_mb * 2 ** 20, cost=lambda matrix: matrix.nbytes,
                               on_change=lambda lru: metrics.label_set_cache_bytes.set(lru.used))
+        self.pixels = pixels or PixelBudget(settings.max_decode_pixels)
         self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="limoe-decode")
         # Batch jobs' images decode here, so that they never queue ahead of interactive ones in `pool`
         self.low_pool = ThreadPoolExecutor(1, thread_name_prefix="limoe-decode-jobs")
@@ -242,7 +245,7 @@ class Engine:
         s = self.settings
         started = time.perf_counter()
         try:
-            x = decode_image(data, self.backend.preprocess, s.max_image_bytes, s.max_image_pixels)
+            x = decode_image(data, self.backend.preprocess, s.max_image_bytes, s.max_image_pixels, self.pixels)
         except ImageTooLargeError as e:
             raise ImageTooLarge(str(e)) from None
         except ImageError as e:

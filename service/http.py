@@ -248,12 +248,21 @@ def require_json(request: Request) -> None:
         raise UnsupportedMediaType(f"send application/json, not {ctype!r}")
 
 
+def forget_body(request: Request, placeholder: bytes = b"") -> None:
+    """Drop the raw body Starlette keeps on the request until the response is sent, once it is
+    parsed: a 30 MB upload is then held once (its parsed form), not twice, while it is classified.
+    (The in-flight byte budget still counts it until the request ends.)"""
+    request._body = placeholder  # Starlette's cache of `await request.body()`
+
+
 class JSONRequest(Request):
-    """A request whose JSON body is parsed once, with our errors (`parse_json`)."""
+    """A request whose JSON body is parsed once, with our errors (`parse_json`); the raw bytes
+    are dropped once parsed (FastAPI then reads the parsed body: `json()` answers from it)."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_parsed"):
             self._parsed = parse_json(await self.body())
+            forget_body(self, b"{}")  # not empty: FastAPI reads a body only when there is one
         return self._parsed
 
 

@@ -60,8 +60,8 @@ class Metrics:
         self.ready = Gauge("limoe_ready", "1 while ready for traffic: the default model answered a warm-up forward "
                            "pass, and no shutdown began", registry=r)
         self.model_ready = Gauge("limoe_model_ready", "1 while this model version is warm and serving", M, registry=r)
-        self.model_memory = Gauge("limoe_model_memory_bytes", "resident memory the process grew by while this model "
-                                  "version was opened", M, registry=r)
+        self.model_memory = Gauge("limoe_model_memory_bytes", "memory the process allocated (and still "
+                                  "holds) while this model version was opened", M, registry=r)
         self.model_loads = Counter("limoe_model_loads_total", "model versions loaded, refused (not verifiable, "
                                    "failed to open or warm up) and unloaded", ["model", "outcome"], registry=r)
         # The autoscaling signal (a KEDA Prometheus trigger): requests, like Knative's concurrency,

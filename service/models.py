@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from limoe.runtime.model_store import MANIFEST, ModelStore, ModelStoreError, read_manifest, version_key
+from limoe.runtime.preprocess import PixelBudget
 from service.backends import Backend, load_backend
 from service.engine import Engine
 from service.errors import NotFound, NotReady, ServiceError
@@ -87,6 +88,21 @@ def split_ref(ref: str | None, version: str | None = None) -> tuple[str | None, 
     return name, version or pinned or None
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Allocations of `nbytes` or more get pages of their own (mmap), handed back to the OS when
+    freed. glibc's default threshold rises to the size of any such block once it is freed, after
+    which a burst of large bodies and decoded images is served from its heaps, and those keep the
+    memory: a server stays at its peak (hundreds of MB over its working set) long after. Setting the
+    threshold turns that adjustment off. False where this is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
 def release_memory() -> None:
     """Hand freed memory back to the OS after a version is unloaded: collect its cycles, then
     glibc's malloc_trim (its arenas otherwise keep the freed graphs' pages; elsewhere a no-op)."""
@@ -106,13 +122,31 @@ def rss_bytes() -> int:
         return 0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def memory_in_use() -> int:
+    """Bytes the process has allocated and not freed (glibc's mallinfo2 over all its arenas: heap
+    blocks in use plus mmapped ones), so that what a model takes is counted even when it reuses
+    memory freed earlier, which RSS would not show; the RSS where this is not glibc."""
+    try:
+        info = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return rss_bytes()
+    info.restype = _MallInfo2
+    m = info()
+    return m.uordblks + m.hblkhd
+
+
 @dataclass(eq=False)
 class Loaded:
     """One loaded model version."""
 
     engine: Engine
     source: ModelRef
-    memory_bytes: int  # RSS growth while it was opened
+    memory_bytes: int  # memory allocated while it was opened (`memory_in_use`)
     loaded_at: float = field(default_factory=time.time)
     leases: int = 0  # requests and batch jobs holding it
     retiring: bool = False  # a newer version took over, or it is being unloaded: no new requests
@@ -176,6 +210,7 @@ class Models:
 
     def __init__(self, settings: Settings, metrics: Metrics, state: Any = None, opener: Opener = open_ref):
         self.settings, self.metrics, self.state, self.opener = settings, metrics, state, opener
+        self.pixels = PixelBudget(settings.max_decode_pixels)  # one decoding budget for all models
         self.refs = [ModelRef.parse(r) for r in settings.model_refs]
         self.default = self.refs[0].name
         self.loaded: dict[str, list[Loaded]] = {}  # name -> versions, oldest first
@@ -195,13 +230,14 @@ class Models:
         start-up with its error, as a single model always did."""
         if backends is not None:
             for backend in backends:
-                self._adopt(Engine(backend, self.settings, self.metrics), ModelRef(backend.name), 0)
+                self._adopt(Engine(backend, self.settings, self.metrics, self.pixels), ModelRef(backend.name), 0)
             self.default = backends[0].name
         else:
             for i, ref in enumerate(self.refs):
-                before = rss_bytes()
+                before = memory_in_use()
                 backend = await asyncio.to_thread(self.opener, self.settings, ref)
-                loaded = self._adopt(Engine(backend, self.settings, self.metrics), ref, max(0, rss_bytes() - before))
+                engine = Engine(backend, self.settings, self.metrics, self.pixels)
+                loaded = self._adopt(engine, ref, max(0, memory_in_use() - before))
                 if i == 0:
                     self.default = loaded.name  # a directory's manifest names it
         self._point_state()
@@ -309,15 +345,15 @@ class Models:
                 self.loading.add(name)
             try:
                 pinned = ModelRef(name, target, source.path)
-                before = rss_bytes()
+                before = memory_in_use()
                 try:
                     backend = await asyncio.to_thread(self.opener, self.settings, pinned)
                 except Exception as e:  # ModelStoreError, ONNX Runtime's errors, a bad device
                     raise self._refuse(name, target, f"{type(e).__name__}: {e}") from None
                 if backend.name != name:
                     raise self._refuse(name, target, f"the entry's manifest names {backend.name!r}")
-                memory = max(0, rss_bytes() - before)
-                engine = Engine(backend, self.settings, self.metrics)
+                memory = max(0, memory_in_use() - before)
+                engine = Engine(backend, self.settings, self.metrics, self.pixels)
                 try:
                     await engine.start(self._hot_sizes())
                 except Exception as e:

@@ -191,7 +191,7 @@ class ModelInfo(BaseModel):
     default: bool = Field(description="requests that name no model get this one (the first of LIMOE_MODELS)")
     current: bool = Field(description="the version that `name` alone means (the newest loaded)")
     state: str = Field(description="READY, LOADING (warming up) or UNLOADING (finishing its requests)")
-    memory_bytes: int = Field(description="resident memory the server grew by while this version was opened")
+    memory_bytes: int = Field(description="memory the server allocated (and still holds) while this version was opened")
     loaded_at: float = Field(description="Unix time it was loaded")
     manifest: dict[str, Any] = Field(description="the store entry's manifest.json")
 

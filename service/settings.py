@@ -60,7 +60,7 @@ class Settings(BaseSettings):
 
     # --- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    max_inflight_bytes: int = Field(128 * 1024 * 1024, ge=1024,
+    max_inflight_bytes: int = Field(64 * 1024 * 1024, ge=1024,
                                     description="request-body bytes all requests in flight may hold; 429 beyond")
     header_timeout_s: float = Field(20.0, gt=0, description="seconds a connection may take to send a request's "
                                                            "headers; closed beyond (408 if it had begun)")
@@ -68,6 +68,12 @@ class Settings(BaseSettings):
                                                          "408 beyond")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64)
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
+    max_decode_pixels: int = Field(40_000_000, ge=1, description="width x height of all the images being decoded "
+                                   "at once (all models): a decode waits for room, so decoding holds at most about "
+                                   "8 bytes a pixel of this (320 MB by default) however many images arrive")
+    mmap_threshold_bytes: int = Field(4 * 2 ** 20, ge=0, description="allocations this large or larger (bodies, "
+                                      "decoded images) are given back to the OS when freed, so memory falls back "
+                                      "after a burst (glibc's M_MMAP_THRESHOLD); 0 = glibc's own, adaptive")
     max_labels: int = Field(1000, ge=1, description="candidate labels per request (ImageNet has 1000 classes)")
     max_label_chars: int = Field(200, ge=1)
     max_images_per_request: int = Field(16, ge=1)

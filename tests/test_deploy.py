@@ -266,6 +266,10 @@ def test_compose_services():
     assert "/healthz" in " ".join(limoe["healthcheck"]["test"])
     assert all(k.startswith("LIMOE_") for k in limoe["environment"]), limoe["environment"]
     assert limoe["environment"]["LIMOE_HOST"] == "0.0.0.0"
+    # the memory the Kubernetes CPU overlay limits the pod to (tests/test_memory_limit.py runs under it), no swap
+    overlay = yaml.safe_load((ROOT / "deploy/kubernetes/overlays/cpu/deployment.yaml").read_text())
+    assert overlay["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1Gi"
+    assert int(limoe["mem_limit"]) == int(limoe["memswap_limit"]) == 2 ** 30, limoe
 
     for name, image_repo in (("prometheus", "prom/prometheus"), ("grafana", "grafana/grafana")):
         image = services[name]["image"]

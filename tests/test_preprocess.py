@@ -1,10 +1,12 @@
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from limoe.runtime.preprocess import ImageError, PreprocessConfig, open_image, preprocess_image, to_rgb
+from limoe.runtime.preprocess import ImageError, PixelBudget, PreprocessConfig, open_image, preprocess_image, to_rgb
 
 CFG = PreprocessConfig(image_size=16, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
 
@@ -119,3 +121,63 @@ def test_decode_image_is_the_one_decoding_of_server_and_offline_classifier():
         decode_image(b"not an image", cfg, 100, 100)
     with pytest.raises(ImageError, match="cannot (decode|convert) image"):
         decode_image(png[: len(png) // 2], cfg, len(png), 10_000)  # truncated
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16", "I", "F", "RGB", "CMYK"])
+def test_band_by_band_conversion_is_the_whole_image_conversion(mode):
+    """to_rgb converts deep and transparent images in bands (so a 40-megapixel one needs a few MB
+    of working copies): bands of 17, 37 or 100 pixels give the bytes of converting it whole."""
+    rng = np.random.default_rng(1)
+    if mode in ("RGBA", "LA", "RGB", "CMYK"):
+        img = Image.fromarray(rng.integers(0, 256, (23, 17, len(mode)), dtype=np.uint8), mode)
+    elif mode == "P":
+        img = Image.fromarray(rng.integers(0, 256, (23, 17), dtype=np.uint8), "L").convert("P")
+        img.info["transparency"] = bytes(rng.integers(0, 256, 256).astype(np.uint8))  # alpha per palette entry
+    elif mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (23, 17), dtype=np.uint16))
+    elif mode == "I":
+        img = Image.fromarray(rng.integers(-5, 300, (23, 17)).astype(np.int32), "I")
+    else:
+        img = Image.fromarray(rng.random((23, 17)).astype(np.float32), "F")
+    whole = np.asarray(to_rgb(img, (10, 20, 30), strip_pixels=10 ** 6))
+    assert whole.shape == (23, 17, 3)
+    for band in (17, 37, 100):
+        assert np.array_equal(np.asarray(to_rgb(img, (10, 20, 30), strip_pixels=band)), whole), band
+
+
+def test_the_pixel_budget_lets_images_decode_side_by_side_only_while_their_pixels_fit():
+    budget = PixelBudget(10)
+    order: list[str] = []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def big(name: str, pixels: int, hold: threading.Event | None = None) -> None:
+        with budget.hold(pixels):
+            order.append(f"{name} in")
+            if hold is not None:
+                first_in.set()
+                hold.wait(5)
+            order.append(f"{name} out")
+
+    a = threading.Thread(target=big, args=("a", 6, release_first))
+    a.start()
+    assert first_in.wait(5)
+    small = threading.Thread(target=big, args=("small", 4))  # 6 + 4 fit: it runs beside a
+    small.start()
+    small.join(5)
+    b = threading.Thread(target=big, args=("b", 6))  # 6 + 6 do not: b waits for a
+    huge = threading.Thread(target=big, args=("huge", 1000))  # more than all of it: alone, after a
+    b.start()
+    huge.start()
+    deadline = time.monotonic() + 5
+    while len(budget._changed._waiters) < 2 and time.monotonic() < deadline:  # both wait in the budget
+        time.sleep(0.01)
+    assert order == ["a in", "small in", "small out"] and budget.free == 4
+    release_first.set()
+    for t in (a, b, huge):
+        t.join(5)
+    assert budget.free == 10 and order[3] == "a out"
+    for name in ("b", "huge"):  # each ran alone once a was out: in, then out, nothing between
+        i = order.index(f"{name} in")
+        assert order[i + 1] == f"{name} out"
+    with pytest.raises(ValueError):
+        PixelBudget(0)

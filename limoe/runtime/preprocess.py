@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -98,17 +100,14 @@ def open_image(source: bytes | str | Path, max_pixels: int | None = None) -> Ima
     """Decode an image file's bytes (or path), refusing decompression bombs before decoding.
 
     Animated images give their first frame; EXIF orientation is applied."""
+    return load_image(open_lazily(source, max_pixels))
+
+
+@contextlib.contextmanager
+def _pillow_errors():
+    """Pillow's exceptions on a bad file -> ImageError with a message for the client."""
     try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
-                         formats=FORMATS)
-        w, h = img.size  # known from the header, before any pixel is decoded
-        if w < 1 or h < 1:
-            raise ImageError(f"image has no pixels ({w}x{h})")
-        if max_pixels is not None and w * h > max_pixels:
-            raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
-        img.seek(0)
-        img.load()
-        return ImageOps.exif_transpose(img)
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own limit, hit inside Image.open
@@ -119,38 +118,124 @@ def open_image(source: bytes | str | Path, max_pixels: int | None = None) -> Ima
         raise ImageError(f"cannot decode image: {clean_error(e)}") from None
 
 
-def decode_image(data: bytes, cfg: PreprocessConfig, max_bytes: int, max_pixels: int) -> np.ndarray:
+def open_lazily(source: bytes | str | Path, max_pixels: int | None = None) -> Image.Image:
+    """The image's header only (no pixel decoded yet): its size, checked against `max_pixels`."""
+    with _pillow_errors():
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                         formats=FORMATS)
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ImageError(f"image has no pixels ({w}x{h})")
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+        return img
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an `open_lazily` image: its first frame, EXIF orientation applied."""
+    with _pillow_errors():
+        img.seek(0)
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # not a copy of the whole image when nothing turns
+        return img
+
+
+class PixelBudget:
+    """Pixels (width x height) that the images being decoded at once, in all threads, may have.
+
+    Decoding and converting a W x H image holds a few bytes a pixel (3 for RGB, up to 7 for CMYK
+    or RGBA: the decoded image and its RGB copy), so an image at the server's pixel limit takes
+    hundreds of MB: without a bound, a few of them decoded side by side exceed a container's
+    memory. A decode waits here until its image's pixels are free; an image larger than the whole
+    budget waits for all of it and then runs alone. Small images barely wait."""
+
+    def __init__(self, pixels: int):
+        if pixels < 1:
+            raise ValueError(f"a pixel budget must be positive, not {pixels}")
+        self.total = self.free = pixels
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        n = min(pixels, self.total)
+        with self._changed:
+            self._changed.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += n
+                self._changed.notify_all()
+
+
+def decode_image(data: bytes, cfg: PreprocessConfig, max_bytes: int, max_pixels: int,
+                 budget: PixelBudget | None = None) -> np.ndarray:
     """An image file's bytes -> (3, R, R) float32 model input, the one decoding the server and
     `limoe classify` share: empty, over `max_bytes` or over `max_pixels` (from the header,
-    before decoding) is refused, and so is anything Pillow cannot decode or convert.
+    before decoding) is refused, and so is anything Pillow cannot decode or convert. With a
+    `budget`, the pixels are decoded only once its room allows (and held until the result is made).
     Raises ImageTooLargeError or ImageError, with a message for the client."""
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"the image is {len(data)} bytes; the limit is {max_bytes}")
-    img = open_image(data, max_pixels=max_pixels)
-    try:
-        return preprocess_image(img, cfg)
-    except (OSError, ValueError) as e:  # e.g. a truncated file that only fails on conversion
-        raise ImageError(f"cannot convert image: {clean_error(e)}") from None
+    img = open_lazily(data, max_pixels=max_pixels)
+    with budget.hold(img.width * img.height) if budget is not None else contextlib.nullcontext():
+        img = load_image(img)
+        try:
+            return preprocess_image(img, cfg)
+        except (OSError, ValueError) as e:  # e.g. a truncated file that only fails on conversion
+            raise ImageError(f"cannot convert image: {clean_error(e)}") from None
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+STRIP_PIXELS = 1 << 20  # pixels converted at a time: a big image's working copies stay a few MB
+DEEP = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def strips(img: Image.Image, strip_pixels: int = STRIP_PIXELS) -> Iterator[tuple[int, Image.Image]]:
+    """(top row, the image's rows from it) in bands of about `strip_pixels` pixels (the image
+    itself when it is smaller)."""
+    w, h = img.size
+    rows = max(1, strip_pixels // w)
+    if rows >= h:
+        yield 0, img
+        return
+    for top in range(0, h, rows):
+        yield top, img.crop((0, top, w, min(h, top + rows)))
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255),
+           strip_pixels: int = STRIP_PIXELS) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Transparency is composited onto `background`; 16- and
-    32-bit greyscale is rescaled from its own range (not clipped); CMYK goes through Pillow."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        if img.mode == "F" and a.max(initial=0) <= 1.0:
-            top = 1.0
-        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    32-bit greyscale is rescaled from its own range (not clipped); CMYK goes through Pillow.
+    Deep and transparent images are converted band by band (`strips`), so the working copies
+    (float64 pixels, RGBA canvases) of a 40-megapixel image take a few MB, not a GB."""
+    if img.mode in DEEP:
+        img = _deep_to_l(img, strip_pixels)
+    if img.mode in ALPHA or (img.mode == "P" and "transparency" in img.info):
+        out = Image.new("RGB", img.size)
+        for top, band in strips(img, strip_pixels):
+            rgba = band.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            out.paste(Image.alpha_composite(canvas, rgba).convert("RGB"), (0, top))
+        return out
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _deep_to_l(img: Image.Image, strip_pixels: int) -> Image.Image:
+    """16- or 32-bit greyscale -> 8-bit "L": 16-bit modes over 65535, others over 255 unless
+    their values go beyond it (then 65535), floats within [0, 1] over 1."""
+    peak = img.getextrema()[1] if not img.mode.startswith("I;16") else 0
+    top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
+    if img.mode == "F" and peak <= 1.0:
+        top = 1.0
+    out = Image.new("L", img.size)
+    for row, band in strips(img, strip_pixels):
+        a = np.asarray(band, dtype=np.float64)
+        out.paste(Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L"), (0, row))
+    return out
 
 
 def resize_then_crop(img: Image.Image, size: int, resample: str = "bicubic", max_ratio: int = 16) -> Image.Image:
