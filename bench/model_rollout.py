@@ -16,7 +16,10 @@ Parts, each printing what it measured:
 3. unload: with `limoe-tiny` served beside it, clients on limoe-tiny while it is unloaded: the
    requests that began before the unload all answer 200, those that begin after it 404.
 4. fairness: p99 of a few clients on limoe-tiny, alone and while many clients flood limoe-small
-   on the same server (one model's flood must not starve the other).
+   on the same server (one model's flood must not starve the other). The probing clients run in
+   a process of their own, so their latencies hold no wait for this process's GIL behind the
+   flood's client threads; the server's CPU during the flood is split into its event loop and
+   the other threads (forward passes, decoding).
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import argparse
 import base64
 import io
 import json
+import multiprocessing
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +57,9 @@ def image_b64(seed: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def add_version(store: Path, name: str, source: str, version: str, corrupt: bool = False) -> None:
+def add_version(store: Path, name: str, source: str, version: str, corrupt: bool = False) -> Path:
+    """A copy of `name`/`source` as `name`/`version` (a republished entry); `corrupt`: one graph
+    byte changed (its checksum then fails). The tests use it too."""
     entry = store / name / version
     shutil.copytree(store / name / source, entry)
     manifest = json.loads((entry / "manifest.json").read_text())
@@ -64,6 +70,7 @@ def add_version(store: Path, name: str, source: str, version: str, corrupt: bool
         data = bytearray(graph.read_bytes())
         data[len(data) // 2] ^= 0xFF
         graph.write_bytes(bytes(data))
+    return entry
 
 
 @dataclass
@@ -212,24 +219,40 @@ def unload(store: Path, jobs: Path, clients: int, seconds: float) -> dict:
             "after_all_404": all(a.status == 404 for a in after) and bool(after)}
 
 
+def probe(base: str, clients: int, model: str, seconds: float) -> list[Answer]:
+    """`clients` classifying on `model` for `seconds`: run in a process of its own (`probed`), so
+    that its latencies do not include waiting for the GIL behind the flood's client threads."""
+    with Load(base, clients, model=model) as load:
+        time.sleep(seconds)
+    return load.answers
+
+
+def probed(base: str, clients: int, model: str, seconds: float) -> list[Answer]:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(probe, base, clients, model, seconds).result(timeout=seconds + 120)
+
+
 def fairness(store: Path, jobs: Path, probe_clients: int, flood_clients: int, seconds: float) -> dict:
     with serve(store, jobs, "limoe-small@2,limoe-tiny") as server:
         server.wait_ready()
-        with Load(server.base, probe_clients, model="limoe-tiny") as alone:
-            time.sleep(seconds)
+        alone = probed(server.base, probe_clients, "limoe-tiny", seconds)
         with Load(server.base, flood_clients, model="limoe-small") as flood:
             time.sleep(min(2.0, seconds / 3))
-            with Load(server.base, probe_clients, model="limoe-tiny") as shared:
-                time.sleep(seconds)
+            cpu0, t0 = server.cpu(), time.monotonic()
+            shared = probed(server.base, probe_clients, "limoe-tiny", seconds)
+            cpu1, t1 = server.cpu(), time.monotonic()
     skip = lambda xs: xs[len(xs) // 10:]  # noqa: E731 (connection set-up)
-    a, s = skip(alone.answers), skip(shared.answers)
+    a, s = skip(alone), skip(shared)
     return {"probe_clients": probe_clients, "flood_clients": flood_clients,
             "tiny_alone_p99_ms": round(p99_ms(a), 1), "tiny_beside_flood_p99_ms": round(p99_ms(s), 1),
             "p99_ratio": round(p99_ms(s) / p99_ms(a), 2),
             "tiny_answers_per_s_alone": round(len(a) / seconds, 1),
             "tiny_answers_per_s_beside_flood": round(len(s) / seconds, 1),
             "flood_answers_per_s": round(len(flood.answers) / (seconds + min(2.0, seconds / 3)), 1),
-            "non_200": sum(x.status != 200 for x in [*alone.answers, *shared.answers, *flood.answers])}
+            # the server's cores during the flood: its event loop (one thread) and the rest
+            "server_cores_event_loop": round((cpu1["main"] - cpu0["main"]) / (t1 - t0), 2),
+            "server_cores_other": round((cpu1["other"] - cpu0["other"]) / (t1 - t0), 2),
+            "non_200": sum(x.status != 200 for x in [*alone, *shared, *flood.answers])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,34 +261,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="of the rollout part")
     ap.add_argument("--switches", type=int, default=3, help="1 -> 2 -> 1 -> 2 is 3")
     ap.add_argument("--quick", action="store_true", help="8 clients and a few seconds per part")
+    ap.add_argument("--parts", default="rollout,corrupt,unload,fairness", help="which parts, comma-separated")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     if args.quick:
         args.clients, args.seconds = 8, 8.0
     part_s = args.seconds / 4 if args.quick else 20.0
-    results: dict = {"command": "python bench/model_rollout.py" + (" --quick" if args.quick else "")}
+    given = argv if argv is not None else sys.argv[1:]
+    results: dict = {"command": " ".join(["python bench/model_rollout.py", *given])}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         for name in ("limoe-small", "limoe-tiny"):
             shutil.copytree(ROOT / "model_store" / name / "1", base / "store" / name / "1")
-        results["rollout"] = r = rollout(base / "store", base / "jobs", args.clients, args.seconds, args.switches)
-        print(f"rollout: {args.clients} clients, {args.seconds:.0f} s, switches "
-              f"{' -> '.join(['1'] + [e['to'] for e in r['switches']])} (loads took "
-              f"{', '.join(str(e['load_s']) for e in r['switches'])} s): answers {r['answers']}, non-200 "
-              f"{r['non_200']}, versions answering {r['versions_answering']}; p99 steady {r['p99_steady_ms']} ms, "
-              f"around a switch {r['p99_around_switch_ms']} ms ({r['p99_ratio']}x); RSS ready {r['rss_ready_mb']} "
-              f"MB, peak {r['rss_peak_mb']} MB, end {r['rss_end_mb']} MB")
-        results["corrupt"] = c = corrupt(base / "store", base / "jobs", args.clients, part_s)
-        print(f"corrupt version: load answered {c['load_status']} ({c['load_answer'].get('code')}); answers "
-              f"{c['answers']}, non-200 {c['non_200']}, versions answering {c['versions_answering']}")
-        results["unload"] = u = unload(base / "store", base / "jobs", max(4, args.clients // 8), part_s)
-        print(f"unload under load: {u['unload_status']}; begun before: {u['before']} (all 200: "
-              f"{u['before_all_200']}); after: {u['after']} (all 404: {u['after_all_404']})")
-        results["fairness"] = f = fairness(base / "store", base / "jobs", 4, max(8, args.clients - 4), part_s)
-        print(f"fairness: limoe-tiny p99 alone {f['tiny_alone_p99_ms']} ms ({f['tiny_answers_per_s_alone']}/s), "
-              f"beside {f['flood_clients']} clients flooding limoe-small {f['tiny_beside_flood_p99_ms']} ms "
-              f"({f['tiny_answers_per_s_beside_flood']}/s): {f['p99_ratio']}x; flood {f['flood_answers_per_s']}/s; "
-              f"non-200 {f['non_200']}")
+        if "rollout" not in parts:  # the other parts serve the version 2 that the rollout adds
+            add_version(base / "store", "limoe-small", "1", "2")
+        if "rollout" in parts:
+            results["rollout"] = r = rollout(base / "store", base / "jobs", args.clients, args.seconds, args.switches)
+            print(f"rollout: {args.clients} clients, {args.seconds:.0f} s, switches "
+                  f"{' -> '.join(['1'] + [e['to'] for e in r['switches']])} (loads took "
+                  f"{', '.join(str(e['load_s']) for e in r['switches'])} s): answers {r['answers']}, non-200 "
+                  f"{r['non_200']}, versions answering {r['versions_answering']}; p99 steady {r['p99_steady_ms']} ms, "
+                  f"around a switch {r['p99_around_switch_ms']} ms ({r['p99_ratio']}x); RSS ready {r['rss_ready_mb']} "
+                  f"MB, peak {r['rss_peak_mb']} MB, end {r['rss_end_mb']} MB")
+        if "corrupt" in parts:
+            results["corrupt"] = c = corrupt(base / "store", base / "jobs", args.clients, part_s)
+            print(f"corrupt version: load answered {c['load_status']} ({c['load_answer'].get('code')}); answers "
+                  f"{c['answers']}, non-200 {c['non_200']}, versions answering {c['versions_answering']}")
+        if "unload" in parts:
+            results["unload"] = u = unload(base / "store", base / "jobs", max(4, args.clients // 8), part_s)
+            print(f"unload under load: {u['unload_status']}; begun before: {u['before']} (all 200: "
+                  f"{u['before_all_200']}); after: {u['after']} (all 404: {u['after_all_404']})")
+        if "fairness" in parts:
+            results["fairness"] = f = fairness(base / "store", base / "jobs", 4, max(8, args.clients - 4), part_s)
+            print(f"fairness: limoe-tiny p99 alone {f['tiny_alone_p99_ms']} ms ({f['tiny_answers_per_s_alone']}/s), "
+                  f"beside {f['flood_clients']} clients flooding limoe-small {f['tiny_beside_flood_p99_ms']} ms "
+                  f"({f['tiny_answers_per_s_beside_flood']}/s): {f['p99_ratio']}x; flood {f['flood_answers_per_s']}/s; "
+                  f"server cores during it: event loop {f['server_cores_event_loop']}, other threads "
+                  f"{f['server_cores_other']}; non-200 {f['non_200']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from servers import uvicorn_thread
 
+from bench.model_rollout import add_version
 from service.app import create_app
 from service.backends import FakeBackend
 from service.settings import Settings
@@ -34,22 +35,6 @@ def png(color=(200, 30, 30)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (24, 24), color).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def add_version(store: Path, name: str, source: str, version: str, corrupt: bool = False) -> Path:
-    """A copy of `name`/`source` as `name`/`version`; `corrupt`: one graph byte changed (its
-    checksum then fails)."""
-    entry = store / name / version
-    shutil.copytree(store / name / source, entry)
-    manifest = json.loads((entry / "manifest.json").read_text())
-    manifest["version"] = version
-    (entry / "manifest.json").write_text(json.dumps(manifest))
-    if corrupt:
-        graph = next(entry.glob("*.onnx"))
-        data = bytearray(graph.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        graph.write_bytes(bytes(data))
-    return entry
 
 
 @pytest.fixture(scope="module")
