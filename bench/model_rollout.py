@@ -19,7 +19,9 @@ Parts, each printing what it measured:
    on the same server (one model's flood must not starve the other). The probing clients run in
    a process of their own, so their latencies hold no wait for this process's GIL behind the
    flood's client threads; the server's CPU during the flood is split into its event loop and
-   the other threads (forward passes, decoding).
+   the other threads (forward passes, decoding). Unless --quick, the same is measured again
+   on a server without the passes' fair share (LIMOE_PASS_SHARE=false, LIMOE_PASS_NICE=0), the
+   baseline, in the same run.
 """
 
 from __future__ import annotations
@@ -232,8 +234,8 @@ def probed(base: str, clients: int, model: str, seconds: float) -> list[Answer]:
         return pool.submit(probe, base, clients, model, seconds).result(timeout=seconds + 120)
 
 
-def fairness(store: Path, jobs: Path, probe_clients: int, flood_clients: int, seconds: float) -> dict:
-    with serve(store, jobs, "limoe-small@2,limoe-tiny") as server:
+def fairness(store: Path, jobs: Path, probe_clients: int, flood_clients: int, seconds: float, **env) -> dict:
+    with serve(store, jobs, "limoe-small@2,limoe-tiny", **env) as server:
         server.wait_ready()
         alone = probed(server.base, probe_clients, "limoe-tiny", seconds)
         with Load(server.base, flood_clients, model="limoe-small") as flood:
@@ -243,7 +245,7 @@ def fairness(store: Path, jobs: Path, probe_clients: int, flood_clients: int, se
             cpu1, t1 = server.cpu(), time.monotonic()
     skip = lambda xs: xs[len(xs) // 10:]  # noqa: E731 (connection set-up)
     a, s = skip(alone), skip(shared)
-    return {"probe_clients": probe_clients, "flood_clients": flood_clients,
+    return {"settings": env, "probe_clients": probe_clients, "flood_clients": flood_clients,
             "tiny_alone_p99_ms": round(p99_ms(a), 1), "tiny_beside_flood_p99_ms": round(p99_ms(s), 1),
             "p99_ratio": round(p99_ms(s) / p99_ms(a), 2),
             "tiny_answers_per_s_alone": round(len(a) / seconds, 1),
@@ -253,6 +255,10 @@ def fairness(store: Path, jobs: Path, probe_clients: int, flood_clients: int, se
             "server_cores_event_loop": round((cpu1["main"] - cpu0["main"]) / (t1 - t0), 2),
             "server_cores_other": round((cpu1["other"] - cpu0["other"]) / (t1 - t0), 2),
             "non_200": sum(x.status != 200 for x in [*alone, *shared, *flood.answers])}
+
+
+# The fairness part's baseline: each model's encoders run all their passes, at the process's priority.
+BASELINE = {"pass_share": "false", "pass_nice": "0"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unload under load: {u['unload_status']}; begun before: {u['before']} (all 200: "
                   f"{u['before_all_200']}); after: {u['after']} (all 404: {u['after_all_404']})")
         if "fairness" in parts:
-            results["fairness"] = f = fairness(base / "store", base / "jobs", 4, max(8, args.clients - 4), part_s)
-            print(f"fairness: limoe-tiny p99 alone {f['tiny_alone_p99_ms']} ms ({f['tiny_answers_per_s_alone']}/s), "
-                  f"beside {f['flood_clients']} clients flooding limoe-small {f['tiny_beside_flood_p99_ms']} ms "
-                  f"({f['tiny_answers_per_s_beside_flood']}/s): {f['p99_ratio']}x; flood {f['flood_answers_per_s']}/s; "
-                  f"server cores during it: event loop {f['server_cores_event_loop']}, other threads "
-                  f"{f['server_cores_other']}; non-200 {f['non_200']}")
+            runs = {"fairness": {}} if args.quick else {"fairness_baseline": BASELINE, "fairness": {}}
+            for key, env in runs.items():
+                results[key] = f = fairness(base / "store", base / "jobs", 4, max(8, args.clients - 4), part_s, **env)
+                print(f"{key}{' ' + str(env) if env else ''}: limoe-tiny p99 alone {f['tiny_alone_p99_ms']} ms "
+                      f"({f['tiny_answers_per_s_alone']}/s), beside {f['flood_clients']} clients flooding limoe-small "
+                      f"{f['tiny_beside_flood_p99_ms']} ms ({f['tiny_answers_per_s_beside_flood']}/s): "
+                      f"{f['p99_ratio']}x; flood {f['flood_answers_per_s']}/s; server cores during it: event loop "
+                      f"{f['server_cores_event_loop']}, other threads {f['server_cores_other']}; "
+                      f"non-200 {f['non_200']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -32,19 +32,35 @@ fresh thread pool, so the encoder keeps serving. While a pass is stuck, `stuck` 
 server reports not ready); a stuck pass that returns later is dropped and counted off. Threads
 cannot be killed: once more passes are stuck at once than the batcher runs (`passes`), `alive`
 turns false, /healthz answers 503 and the kubelet's liveness probe restarts the pod.
+
+Several models in one process share its cores (`PassShare`). While other models' encoders of the
+same kind have had work within the last `window_s`, an encoder's fair share is its `passes`
+divided among the active ones (at least one). Its passes beyond that share still run, so that no
+core idles, but as spare passes: in threads of the lowest CPU priority (nice 19), which the
+kernel gives a core only when the other models' passes and every request's event loop and
+decoding do not want it. So a flood on one model takes every core that the others leave, and
+gives them back as soon as they have work, without waiting for its long passes to end (threads
+cannot be preempted, but a thread's priority can be lowered). Alone, an encoder runs all its
+passes at its own priority. That priority may also be lowered (`nice`, LIMOE_PASS_NICE), so that
+the event loop and the decoding threads, which every request goes through, get a core before
+the long passes do. Niceness is the pass's own thread's: onnxruntime's intra-op helper threads
+(LIMOE_THREADS > 1, or a single pass on several cores) keep the process's priority.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
+import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -56,6 +72,41 @@ from service.metrics import Metrics
 QUIET_S = 1.0
 
 log = logging.getLogger("limoe.service")
+
+
+class PassShare:
+    """Which encoders had work lately, and so each one's fair share of its passes (see the module
+    doc). One per server; an encoder registers under its model's name (`key`: the versions of one
+    name share one place) and its kind ("image" or "text": encoders share with their kind only).
+    Event loop only: no locking."""
+
+    def __init__(self, window_s: float = QUIET_S, clock: Callable[[], float] = time.perf_counter):
+        self.window_s, self.clock = window_s, clock
+        self._last: dict[Hashable, float] = {}  # key -> when it last had an item queued or a pass run
+
+    def touch(self, key: Hashable, kind: str) -> None:
+        self._last[(kind, key)] = self.clock()
+
+    def active(self, key: Hashable, kind: str) -> int:
+        """Encoders of `kind` with work within `window_s`, `key` always among them."""
+        since = self.clock() - self.window_s
+        return 1 + sum(1 for (k, other), t in self._last.items() if k == kind and other != key and t >= since)
+
+    def allowed(self, key: Hashable, kind: str, passes: int) -> int:
+        """Passes of `passes` that the encoder `key` runs at its own priority: its share, at least one."""
+        return max(1, passes // self.active(key, kind))
+
+
+# The CPU niceness of spare passes: an encoder's passes beyond its fair share (see the module doc).
+SPARE_NICE = 19
+
+
+def nice_thread(nice: int) -> None:
+    """Lower the calling thread's CPU priority by `nice` (Linux: niceness is per thread; raising
+    it needs no privilege). Elsewhere, or where refused, the thread keeps its priority."""
+    if nice:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 class InferenceTimeout(ServiceError):
@@ -152,8 +203,10 @@ class DynamicBatcher:
     def __init__(self, name: str, forward: Callable[[np.ndarray], EncoderOutput], max_batch: int,
                  max_wait_s: float, queue_size: int, metrics: Metrics,
                  on_batch: Callable[[EncoderOutput], None] | None = None, low_max_batch: int | None = None,
-                 quiet_s: float = QUIET_S, passes: int = 1, pass_timeout_s: float | None = None):
+                 quiet_s: float = QUIET_S, passes: int = 1, pass_timeout_s: float | None = None,
+                 share: PassShare | None = None, share_key: Hashable = None, nice: int = 0):
         self.name, self.forward = name, forward
+        self.share, self.share_key, self.nice = share or PassShare(), share_key, nice
         self.passes, self.pass_timeout_s = passes, pass_timeout_s or None
         self.stuck = 0  # passes past pass_timeout_s that have not returned
         self._abandoned: list[ThreadPoolExecutor] = []  # pools left to their stuck threads
@@ -167,11 +220,17 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()  # interactive
         self._low: deque[_Item] = deque()  # low priority
         self._arrived = asyncio.Event()  # set when an item is queued; the worker clears it before waiting
-        self._executor = ThreadPoolExecutor(max_workers=passes, thread_name_prefix=f"limoe-{name}")
+        self._pools = {spare: self._pool(self._pools_nice(spare)) for spare in (False, True)}  # spare -> threads
+        self.spare_passes = 0  # spare passes started (see the module doc)
+        self._in_share = 0  # passes running within the fair share
         self._task: asyncio.Task | None = None
         self._held: _Item | None = None  # collected, but did not fit its batch: it starts the next one
         self._passes: set[asyncio.Task] = set()  # forward passes handed over and not yet answered
         self._free = asyncio.Semaphore(passes)  # a pass the worker may start
+
+    def _pool(self, nice: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.passes, thread_name_prefix=f"limoe-{self.name}",
+                                  initializer=nice_thread, initargs=(nice,))
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -194,7 +253,8 @@ class DynamicBatcher:
         for item in left:
             if not item.future.done():
                 item.future.cancel()
-        self._executor.shutdown(wait=not self.stuck, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=not self.stuck, cancel_futures=True)
         for pool in self._abandoned:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -250,13 +310,14 @@ class DynamicBatcher:
         (self._low if item.low else self._queue).append(item)
         if not item.low:
             self._last_interactive = time.perf_counter()
+        self.share.touch(self.share_key, self.name)
         self._arrived.set()
         self.metrics.queue_depth.labels(self.name).set(self.depth)
         return item.future
 
     async def run_direct(self, x: np.ndarray) -> EncoderOutput:
         """One forward pass on a whole batch, bypassing the queue (warm-up)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, x)
+        return await asyncio.get_running_loop().run_in_executor(self._pools[False], self.forward, x)
 
     # -- worker ----------------------------------------------------------------------------------------
     def _pop(self, rows: int, low_rows: int) -> _Item | None:
@@ -317,6 +378,11 @@ class DynamicBatcher:
         self.metrics.queue_depth.labels(self.name).set(self.depth)
         return [item for item in batch if not item.future.done()]  # callers that gave up
 
+    @property
+    def fair_share(self) -> int:
+        """Passes this encoder runs at its own priority now: all of them alone, its share beside others."""
+        return min(self.passes, self.share.allowed(self.share_key, self.name, self.passes))
+
     async def _run(self) -> None:
         while True:
             await self._free.acquire()  # collect only for a free pass: until then, items wait in the queues
@@ -324,21 +390,27 @@ class DynamicBatcher:
             if not batch:
                 self._free.release()
                 continue
+            self.share.touch(self.share_key, self.name)
             now = time.perf_counter()
             for item in batch:
                 self.metrics.queue_seconds.labels(self.name).observe(now - item.enqueued)
-            task = asyncio.get_running_loop().create_task(self._pass(batch), name=f"batcher-{self.name}-pass")
+            spare = self._in_share >= self.fair_share
+            self.spare_passes += spare
+            self._in_share += not spare
+            task = asyncio.get_running_loop().create_task(self._pass(batch, spare), name=f"batcher-{self.name}-pass")
             self._passes.add(task)
-            task.add_done_callback(self._pass_ended)
+            task.add_done_callback(functools.partial(self._pass_ended, spare=spare))
 
-    def _pass_ended(self, task: asyncio.Task) -> None:
+    def _pass_ended(self, task: asyncio.Task, spare: bool) -> None:
         self._passes.discard(task)
+        self._in_share -= not spare
         self._free.release()
 
-    async def _pass(self, batch: list[_Item]) -> None:
-        """One forward pass and its answers; whatever happens, every item's future ends."""
+    async def _pass(self, batch: list[_Item], spare: bool = False) -> None:
+        """One forward pass and its answers; whatever happens, every item's future ends. `spare`:
+        in a thread of the lowest priority (see the module doc)."""
         try:
-            await self._forward(asyncio.get_running_loop(), batch)
+            await self._forward(asyncio.get_running_loop(), batch, spare)
         except asyncio.CancelledError:
             for item in batch:
                 item.future.cancel()
@@ -355,9 +427,10 @@ class DynamicBatcher:
         out = self.forward(x)
         return out, time.perf_counter() - started
 
-    async def _run_pass(self, loop: asyncio.AbstractEventLoop, x: np.ndarray) -> tuple[EncoderOutput, float]:
+    async def _run_pass(self, loop: asyncio.AbstractEventLoop, x: np.ndarray,
+                        spare: bool = False) -> tuple[EncoderOutput, float]:
         """The forward pass in a pass thread, under `pass_timeout_s` (see the module doc)."""
-        future = loop.run_in_executor(self._executor, self._timed_forward, x)
+        future = loop.run_in_executor(self._pools[spare], self._timed_forward, x)
         if self.pass_timeout_s is None:
             return await future
         try:
@@ -368,8 +441,8 @@ class DynamicBatcher:
             log.error("%s forward pass of %d examples did not return within LIMOE_INFER_TIMEOUT_S=%gs: its items "
                       "get 504; later passes go to a fresh thread (%d stuck)", self.name, len(x),
                       self.pass_timeout_s, self.stuck)
-            self._abandoned.append(self._executor)
-            self._executor = ThreadPoolExecutor(max_workers=self.passes, thread_name_prefix=f"limoe-{self.name}")
+            self._abandoned.append(self._pools[spare])
+            self._pools[spare] = self._pool(self._pools_nice(spare))
             started = time.perf_counter() - self.pass_timeout_s
             future.add_done_callback(lambda _: self._unstuck(started))
             raise InferenceTimeout(f"the {self.name} encoder's forward pass did not finish within "
@@ -380,10 +453,13 @@ class DynamicBatcher:
         log.warning("%s: a stuck forward pass returned after %.1fs (dropped); %d still stuck", self.name,
                     time.perf_counter() - started, self.stuck)
 
-    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+    def _pools_nice(self, spare: bool) -> int:
+        return max(self.nice, SPARE_NICE) if spare else self.nice
+
+    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item], spare: bool = False) -> None:
         x = np.concatenate([item.x for item in batch])
         try:
-            out, seconds = await self._run_pass(loop, x)
+            out, seconds = await self._run_pass(loop, x, spare)
         except InferenceTimeout as e:  # not retried item by item: each would hang again
             self.metrics.items.labels(self.name, "inference_timeout").inc(len(x))
             for item in batch:
@@ -394,7 +470,7 @@ class DynamicBatcher:
             if len(batch) > 1:  # isolate the culprit: retry each item alone
                 log.warning("%s batch of %d failed (%s); retrying items one by one", self.name, len(batch), e)
                 for item in batch:
-                    await self._forward(loop, [item])
+                    await self._forward(loop, [item], spare)
                 return
             log.error("%s forward pass failed for one item: %s", self.name, e)
             self.metrics.items.labels(self.name, "inference_error").inc(len(x))

@@ -19,7 +19,7 @@ from limoe.runtime.preprocess import ImageError, ImageTooLargeError, PixelBudget
 from limoe.runtime.routing_counts import expert_counts
 from limoe.runtime.zeroshot import ensemble, fill_templates, zero_shot_scores
 from service.backends import Backend
-from service.batcher import DynamicBatcher, ItemResult, Permit
+from service.batcher import DynamicBatcher, ItemResult, PassShare, Permit
 from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, ServiceError, Unprocessable
 from service.metrics import Metrics, ModelMetrics
 from service.settings import Settings
@@ -103,10 +103,11 @@ class LabelCache(LRU):
 class Engine:
     """One model version's serving: its batchers, caches and decoding pools. `metrics`: the
     server's (this version's series are labelled with its name and version) or a ModelMetrics.
-    `pixels`: the decoding budget it shares with the server's other models (its own by default)."""
+    `pixels`: the decoding budget it shares with the server's other models, `share` the forward
+    passes (service/batcher.py PassShare); its own of each by default."""
 
     def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | ModelMetrics,
-                 pixels: PixelBudget | None = None):
+                 pixels: PixelBudget | None = None, share: PassShare | None = None):
         if isinstance(metrics, Metrics):
             metrics = metrics.for_model(backend.name, backend.version)
         self.backend, self.settings, self.metrics = backend, settings, metrics
@@ -119,6 +120,7 @@ class Engine:
         self.label_sets = LRU(settings.label_set_cache_mb * 2 ** 20, cost=lambda matrix: matrix.nbytes,
                               on_change=lambda lru: metrics.label_set_cache_bytes.set(lru.used))
         self.pixels = pixels or PixelBudget(settings.max_decode_pixels)
+        self.share = share or PassShare()
         self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="limoe-decode")
         # Batch jobs' images decode here, so that they never queue ahead of interactive ones in `pool`
         self.low_pool = ThreadPoolExecutor(1, thread_name_prefix="limoe-decode-jobs")
@@ -135,7 +137,8 @@ class Engine:
 
         return DynamicBatcher(modality, forward, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size,
                               self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch, passes=s.encoder_passes,
-                              pass_timeout_s=s.infer_timeout_s)
+                              pass_timeout_s=s.infer_timeout_s, share=self.share, share_key=self.backend.name,
+                              nice=s.pass_nice)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self, sizes: Sequence[int] | None = None) -> None:

@@ -34,9 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from limoe.runtime.model_store import MANIFEST, ModelStore, ModelStoreError, read_manifest, version_key
+from limoe.runtime.model_store import (
+    MANIFEST,
+    ModelStore,
+    ModelStoreError,
+    read_manifest,
+    version_key,
+)
 from limoe.runtime.preprocess import PixelBudget
 from service.backends import Backend, load_backend
+from service.batcher import PassShare
 from service.engine import Engine
 from service.errors import NotFound, NotReady, ServiceError
 from service.metrics import Metrics
@@ -211,6 +218,8 @@ class Models:
     def __init__(self, settings: Settings, metrics: Metrics, state: Any = None, opener: Opener = open_ref):
         self.settings, self.metrics, self.state, self.opener = settings, metrics, state, opener
         self.pixels = PixelBudget(settings.max_decode_pixels)  # one decoding budget for all models
+        # and their forward passes share the cores fairly (None: each model's engine runs all its passes)
+        self.share = PassShare() if settings.pass_share else None
         self.refs = [ModelRef.parse(r) for r in settings.model_refs]
         self.default = self.refs[0].name
         self.loaded: dict[str, list[Loaded]] = {}  # name -> versions, oldest first
@@ -230,13 +239,14 @@ class Models:
         start-up with its error, as a single model always did."""
         if backends is not None:
             for backend in backends:
-                self._adopt(Engine(backend, self.settings, self.metrics, self.pixels), ModelRef(backend.name), 0)
+                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share)
+                self._adopt(engine, ModelRef(backend.name), 0)
             self.default = backends[0].name
         else:
             for i, ref in enumerate(self.refs):
                 before = memory_in_use()
                 backend = await asyncio.to_thread(self.opener, self.settings, ref)
-                engine = Engine(backend, self.settings, self.metrics, self.pixels)
+                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share)
                 loaded = self._adopt(engine, ref, max(0, memory_in_use() - before))
                 if i == 0:
                     self.default = loaded.name  # a directory's manifest names it
@@ -353,7 +363,7 @@ class Models:
                 if backend.name != name:
                     raise self._refuse(name, target, f"the entry's manifest names {backend.name!r}")
                 memory = max(0, memory_in_use() - before)
-                engine = Engine(backend, self.settings, self.metrics, self.pixels)
+                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share)
                 try:
                     await engine.start(self._hot_sizes())
                 except Exception as e:

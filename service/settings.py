@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     # --- batching -------------------------------------------------------------------------------
     encoder_passes: int = Field(2, ge=1, le=16, description="forward passes each encoder runs at once, each in its "
                                 "own thread (like Triton's model instances): a batch starts while another runs")
+    pass_share: bool = Field(True, description="several models' encoders share the forward passes: while others "
+                             "have work, each runs its share of LIMOE_ENCODER_PASSES at once (false: each runs all)")
+    pass_nice: int = Field(10, ge=0, le=19, description="CPU niceness of the forward-pass threads (Linux): "
+                           "the event loop and image decoding, which every request needs, get a core before "
+                           "the long passes do (0 = the process's priority)")
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     queue_size: int = Field(256, ge=1, description="items waiting per encoder before 429")

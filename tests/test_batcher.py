@@ -1,8 +1,10 @@
 """The dynamic batcher on its own: batch formation, chunks, cancellation, overload and reserved
-places (permits), error isolation."""
+places (permits), error isolation, and the passes shared between models."""
 
 import asyncio
 import math
+import os
+import sys
 import threading
 import time
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from limoe.runtime.encoders import EncoderOutput
-from service.batcher import DynamicBatcher, Room
+from service.batcher import DynamicBatcher, PassShare, Room
 from service.errors import Overloaded
 from service.metrics import Metrics
 
@@ -433,9 +435,9 @@ def test_while_every_pass_is_busy_interactive_items_still_go_first():
         handed: list[list[float]] = []
         run_pass = b._pass
 
-        async def recording_pass(batch):
+        async def recording_pass(batch, spare):
             handed.append([float(item.x[0, 0]) for item in batch])
-            await run_pass(batch)
+            await run_pass(batch, spare)
 
         b._pass = recording_pass
         b.start()
@@ -452,3 +454,96 @@ def test_while_every_pass_is_busy_interactive_items_still_go_first():
 
     handed, ran = asyncio.run(main())
     assert handed == [[0.0], [1.0], [2.0], [10.0], [11.0]] and sorted(ran) == handed
+
+
+def test_pass_share_divides_passes_among_the_encoders_of_a_kind_with_recent_work():
+    now = [100.0]
+    share = PassShare(window_s=1.0, clock=lambda: now[0])
+    assert share.allowed("a", "image", 2) == 2  # alone: all of them
+    share.touch("a", "image")
+    share.touch("b", "text")
+    assert share.allowed("a", "image", 2) == 2  # another model's text encoder is not of its kind
+    share.touch("b", "image")
+    assert share.allowed("a", "image", 2) == 1 and share.allowed("b", "image", 2) == 1  # 2 // 2
+    share.touch("c", "image")
+    assert share.allowed("a", "image", 2) == 1  # 2 // 3 is 0: never below one
+    assert share.allowed("a", "image", 6) == 2  # 6 // 3
+    now[0] += 0.5
+    share.touch("a", "image")
+    now[0] += 0.6  # b and c were last busy 1.1 s ago, a 0.6 s ago
+    assert share.allowed("a", "image", 2) == 2 and share.allowed("b", "image", 2) == 1
+
+
+class Passes:
+    """forward(): the inputs as embeddings, each pass `delay` long; records the CPU niceness of the
+    thread of each pass, and the most passes inside at once, all and those at the base priority."""
+
+    def __init__(self, delay: float, base: int):
+        self.delay, self.base = delay, base
+        self.inside, self.most, self.inside_base, self.most_base = 0, 0, 0, 0
+        self.niceness: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, x):
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        with self.lock:
+            self.niceness.append(nice)
+            self.inside += 1
+            self.inside_base += nice == self.base
+            self.most, self.most_base = max(self.most, self.inside), max(self.most_base, self.inside_base)
+        time.sleep(self.delay)
+        with self.lock:
+            self.inside -= 1
+            self.inside_base -= nice == self.base
+        n = len(x)
+        return EncoderOutput(x.astype(np.float32), np.zeros((n, 1, 1, 1), np.int64), np.zeros((n, 1, 1, 1), bool))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_a_flooded_model_runs_passes_beyond_its_share_at_the_lowest_priority_while_another_has_work():
+    # Two models' image encoders, 2 passes each, one PassShare. Model a alone runs 2 passes at once,
+    # both at its own priority. Once b has had work (within the window), a still runs 2 at once (no
+    # core idles), but at most 1 at its own priority: the other is spare, at nice 19.
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def flood(b_too: bool) -> tuple[Passes, int]:
+        share = PassShare(window_s=60)
+        a_fn, b_fn = Passes(0.05, base), Passes(0.0, base)
+        a = DynamicBatcher("image", a_fn, 1, 0.0, 64, Metrics().for_model("a", "1"), passes=2, share=share,
+                           share_key="a")
+        b = DynamicBatcher("image", b_fn, 1, 0.0, 64, Metrics().for_model("b", "1"), passes=2, share=share,
+                           share_key="b")
+        a.start(), b.start()
+        if b_too:
+            await b.submit(np.array([0.0]))
+        results = await asyncio.gather(*[a.submit(np.array([float(i)])) for i in range(8)])
+        assert [float(r.embedding[0]) for r in results] == list(range(8))
+        await a.stop(), await b.stop()
+        return a_fn, a.spare_passes
+
+    alone, spare = asyncio.run(flood(b_too=False))
+    assert alone.most == alone.most_base == 2 and spare == 0 and set(alone.niceness) == {base}
+    shared, spare = asyncio.run(flood(b_too=True))
+    assert shared.most == 2 and shared.most_base == 1
+    assert spare == shared.niceness.count(19) > 0 and set(shared.niceness) == {base, 19}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_pass_threads_run_at_the_lower_priority_asked():
+    seen: list[int] = []
+
+    def forward(x):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        n = len(x)
+        return EncoderOutput(x.astype(np.float32), np.zeros((n, 1, 1, 1), np.int64), np.zeros((n, 1, 1, 1), bool))
+
+    async def main():
+        b = DynamicBatcher("image", forward, 1, 0.0, 64, Metrics().for_model("m", "1"), nice=5)
+        b.start()
+        await b.submit(np.array([1.0]))
+        await b.stop()
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    asyncio.run(main())
+    assert seen == [min(19, base + 5)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's own is untouched
