@@ -85,8 +85,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for modality in ("image", "text"):
         if modality in int8:
             a = int8[modality]
-            print(f"  int8 {modality}: cosine mean {a['embedding_cosine_mean']:.5f}, min {a['embedding_cosine_min']:.5f}, "
-                  f"same experts {a['expert_choice_agreement']:.2%}, batch of 5 vs alone {a['batch_independence_max_diff']:.1e}")
+            print(f"  int8 {modality}: cosine mean {a['embedding_cosine_mean']:.5f}, "
+                  f"min {a['embedding_cosine_min']:.5f}, same experts {a['expert_choice_agreement']:.2%}, "
+                  f"batch of 5 vs alone {a['batch_independence_max_diff']:.1e}")
     return 0
 
 
@@ -122,9 +123,23 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> int:
-    from limoe.model.checkpoint import load_checkpoint, read_tokenizer, save_checkpoint
+    from limoe.model.checkpoint import (
+        CLIP_FORMAT,
+        FORMAT,
+        checkpoint_format,
+        load_checkpoint,
+        read_tokenizer,
+        save_checkpoint,
+    )
     from limoe.model.upcycle import upcycle
 
+    fmt = checkpoint_format(args.source)
+    if args.arch and fmt in (FORMAT, CLIP_FORMAT):
+        print(f"error: {args.source} is a checkpoint of this project; --arch is for OpenCLIP checkpoints",
+              file=sys.stderr)
+        return 2
+    if fmt != FORMAT:
+        return _upcycle_clip(args, ours=fmt == CLIP_FORMAT)
     try:
         dense, extra = load_checkpoint(args.source)
         sparse = upcycle(dense, args.experts, args.top_k, f"every_{args.moe_every}", args.seed)
@@ -139,6 +154,45 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     blocks = ", ".join(map(str, sparse.cfg.moe_layer_ids))
     print(f"wrote {args.out}: blocks {blocks} of {args.source} as {args.experts} copies of their MLP each, top-"
           f"{args.top_k} renormalised; train it with limoe train --init {args.out}")
+    return 0
+
+
+def _upcycle_clip(args: argparse.Namespace, ours: bool) -> int:
+    """`limoe upcycle` of an OpenCLIP checkpoint (or, `ours`, a CLIP checkpoint of this project) -> a sparse CLIP."""
+    from limoe.export.openclip_import import CheckpointError, build_clip, read_checkpoint
+    from limoe.model.checkpoint import CLIP_FORMAT, load_clip_checkpoint, save_clip_checkpoint
+    from limoe.model.clip import CLIP, infer_config, load_openclip_state_dict
+    from limoe.model.upcycle import upcycle_clip
+
+    try:
+        if ours:
+            dense = load_clip_checkpoint(args.source)[0]
+        else:
+            sd = read_checkpoint(args.source)
+            if any(".mlp.router." in k for k in sd):
+                raise ValueError("the source already has MoE layers (router weights); upcycle a dense model")
+            if args.arch:
+                dense = build_clip(args.arch, sd)
+            else:  # the shapes give everything but the activation: GELU, as OpenCLIP's own weights
+                try:
+                    dense = CLIP(infer_config(sd))
+                except ValueError as e:
+                    raise ValueError(f"{args.source}: neither a checkpoint of this project nor an OpenCLIP one "
+                                     f"({e})") from None
+                load_openclip_state_dict(dense, sd)
+        sparse = upcycle_clip(dense, args.experts, args.top_k, args.moe_every, args.seed)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    arch = "its config" if ours else args.arch or "inferred from tensor shapes, GELU"
+    record = {"checkpoint": str(args.source), "format": CLIP_FORMAT if ours else "open_clip", "arch": arch,
+              "experts": args.experts, "top_k": args.top_k, "moe_layers": sparse.cfg.moe_layers}
+    save_clip_checkpoint(sparse, args.out, extra={"upcycled_from": record})
+    cfg = sparse.cfg
+    print(f"wrote {args.out}: image blocks {', '.join(map(str, cfg.vision_moe_ids))} and text blocks "
+          f"{', '.join(map(str, cfg.text_moe_ids))} of {args.source} ({arch}) as {args.experts} copies of their MLP "
+          f"each, top-{args.top_k} renormalised; load it with limoe.model.checkpoint.load_clip_checkpoint"
+          + ("" if args.arch or ours else " (OpenAI's weights need --arch NAME-quickgelu)"))
     return 0
 
 
@@ -367,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", required=True, help="model name (letters, digits, . _ -)")
     export.add_argument("--version", help="version (default: one more than the highest numeric version)")
     export.add_argument("--store", default="model_store", help="model store root (default: model_store)")
-    export.add_argument("--quantize", choices=["int8"], help="also write int8 ONNX graphs (same as adding int8 to --formats)")
+    export.add_argument("--quantize", choices=["int8"],
+                        help="also write int8 ONNX graphs (same as adding int8 to --formats)")
     export.add_argument("--int8-scheme", choices=["static", "weight_only"], default="static",
                         help="int8 graphs: static QDQ with calibrated activation scales (default) or weight-only "
                              "MatMulNBits; both give an item the same answer whatever its batch")
@@ -375,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training mix whose train split calibrates static int8 (e.g. emoji:2,icons:1); "
                              "default: synthetic inputs, fit only for an untrained model")
     export.add_argument("--calibration-count", type=int, default=256, help="calibration items (default 256)")
-    export.add_argument("--cache", help="data cache for --calibration-data (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
+    export.add_argument("--cache", help="data cache for --calibration-data "
+                                        "(default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
     export.add_argument("--inference-routing", choices=["dropless", "capacity"],
                         help="override the checkpoint's inference routing (new checkpoints: dropless)")
     export.add_argument("--moe-op", choices=["standard", "fused"], default="standard",
@@ -401,9 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("--cache", help="data cache (default $LIMOE_DATA_CACHE or ~/.cache/limoe/data)")
     freeze.set_defaults(func=_cmd_freeze_int8)
 
-    up = sub.add_parser("upcycle", help="a dense checkpoint -> a sparse one whose experts start as copies of its MLPs "
-                                        "(equal outputs at step 0); then limoe train --init")
-    up.add_argument("source", help="a dense or two-tower .safetensors checkpoint of this project")
+    up = sub.add_parser("upcycle", help="a dense checkpoint (this project's, or OpenCLIP's) -> a sparse one whose "
+                                        "experts start as copies of its MLPs (equal outputs at step 0)")
+    up.add_argument("source", help="a dense or two-tower .safetensors checkpoint of this project, or an OpenCLIP "
+                                   "checkpoint (.pt/.bin/.safetensors in open_clip's layout) -> a sparse CLIP")
+    up.add_argument("--arch", help="an OpenCLIP source's architecture, as limoe import open-clip takes it (e.g. "
+                                   "ViT-B-32-quickgelu for OpenAI's weights); default: inferred from the tensor "
+                                   "shapes, with GELU")
     up.add_argument("--experts", type=int, default=8, help="E, experts per MoE layer (default 8)")
     up.add_argument("--top-k", type=int, default=2, help="K, experts per token, gates renormalised (default 2)")
     up.add_argument("--moe-every", type=int, default=2, help="every N-th block becomes MoE (default 2)")

@@ -1,6 +1,9 @@
 """Checkpoints: one safetensors file holding the weights and, in its metadata, the config
 (and the tokenizer, when given). Loading needs nothing else: the config rebuilds the module,
 the tensors fill it, and export finds the tokenizer in the same file.
+
+A CLIP of `limoe.model.clip` (a sparse one from `limoe upcycle` of OpenCLIP weights) is saved the
+same way under its own format, since its config is a `CLIPConfig`: `save_clip_checkpoint`.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from limoe.model.clip import CLIP, CLIPConfig
 from limoe.model.config import LIMoEConfig
 from limoe.model.transformer import LIMoE, build_model
 from limoe.runtime.tokenizer import Tokenizer
 
 FORMAT = "limoe-checkpoint/1"
+CLIP_FORMAT = "limoe-clip-checkpoint/1"
 
 
 def save_checkpoint(model: LIMoE, path: str | Path, extra: dict[str, Any] | None = None,
@@ -69,3 +74,38 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         state = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), extra
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """The `format` in a safetensors file's metadata (FORMAT, CLIP_FORMAT, ...); None for any other file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError):  # not safetensors, or no such file
+        return None
+
+
+def save_clip_checkpoint(model: CLIP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write a CLIP's weights (OpenCLIP's keys, plus routers and experts when sparse) and its config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": CLIP_FORMAT, "config": json.dumps(model.cfg.to_dict(), sort_keys=True),
+                "extra": json.dumps(extra or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_clip_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CLIP, dict[str, Any]]:
+    """Rebuild a CLIP from a `save_clip_checkpoint` file; returns (model, extra)."""
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CLIP_FORMAT:
+            raise ValueError(f"{path}: not a CLIP checkpoint of this project (format {meta.get('format')!r}, "
+                             f"want {CLIP_FORMAT!r})")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model = CLIP(CLIPConfig.from_dict(json.loads(meta["config"])))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), json.loads(meta.get("extra", "{}"))

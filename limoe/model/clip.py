@@ -10,6 +10,10 @@ is imported (its wheel needs torchvision, whose registry builds do not match the
 A block is x + attn(ln_1(x)), then x + mlp(ln_2(x)), with mlp = c_proj(act(c_fc(.))) and act GELU,
 or QuickGELU (x * sigmoid(1.702 x)) for OpenAI's weights. The image and the text tower have their
 own widths, depths and heads (ViT-B-32: 768 x 12 x 12 and 512 x 12 x 8, embedding 512).
+
+A sparse CLIP (`moe_layers` other than "none", made by `limoe.model.upcycle.upcycle_clip`) has an
+`MoELayer` in place of the MLP of the chosen blocks of both towers, under the same `mlp` name; every
+other parameter keeps OpenCLIP's layout.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from limoe.model.config import moe_layer_ids
+from limoe.model.moe import INFERENCE_ROUTING, MoELayer, RoutingInfo, quick_gelu
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,24 @@ class CLIPConfig:
     mlp_ratio: float = 4.0
     quick_gelu: bool = False  # OpenAI's weights; OpenCLIP's own use nn.GELU (exact erf)
     logit_bias: bool = False  # SigLIP-style checkpoints carry a learned bias
+    # --- mixture of experts (a sparse CLIP; OpenCLIP's own is "none") -----------------------------
+    moe_layers: str = "none"  # in each tower, as LIMoEConfig.moe_layers: "every_2" -> blocks 1, 3, 5, ...
+    num_experts: int = 8  # E per MoE layer
+    top_k: int = 1  # K experts per token
+    renormalize_gates: bool = False  # gates divided by their sum over the K choices (upcycling: True)
+    inference_routing: str = "dropless"  # or "capacity", as LIMoEConfig's
 
     def __post_init__(self):
         problems = []
+        for tower in ("vision", "text"):
+            try:
+                moe_layer_ids(getattr(self, f"{tower}_layers"), self.moe_layers)
+            except ValueError as e:
+                problems.append(f"{tower}: {e}")
+        if self.moe_layers != "none" and not 1 <= self.top_k <= self.num_experts:
+            problems.append(f"top_k {self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.inference_routing not in INFERENCE_ROUTING:
+            problems.append(f"inference_routing must be one of {INFERENCE_ROUTING}, not {self.inference_routing!r}")
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for tower in ("vision", "text"):
@@ -60,6 +82,14 @@ class CLIPConfig:
     @property
     def num_patches(self) -> int:
         return self.grid ** 2
+
+    @property
+    def vision_moe_ids(self) -> tuple[int, ...]:
+        return moe_layer_ids(self.vision_layers, self.moe_layers)
+
+    @property
+    def text_moe_ids(self) -> tuple[int, ...]:
+        return moe_layer_ids(self.text_layers, self.moe_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,9 +127,10 @@ def from_openclip_json(d: Mapping[str, Any]) -> CLIPConfig:
     try:
         v, t = d["vision_cfg"], d["text_cfg"]
         vw, tw = int(v["width"]), int(t["width"])
-        return CLIPConfig(embed_dim=int(d["embed_dim"]), image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
-                          vision_width=vw, vision_layers=int(v["layers"]),
-                          vision_heads=vw // int(v.get("head_width", 64)), context_length=int(t.get("context_length", 77)),
+        return CLIPConfig(embed_dim=int(d["embed_dim"]), image_size=int(v["image_size"]),
+                          patch_size=int(v["patch_size"]), vision_width=vw, vision_layers=int(v["layers"]),
+                          vision_heads=vw // int(v.get("head_width", 64)),
+                          context_length=int(t.get("context_length", 77)),
                           vocab_size=int(t.get("vocab_size", 49408)), text_width=tw, text_layers=int(t["layers"]),
                           text_heads=int(t.get("heads", max(1, tw // 64))), mlp_ratio=float(v.get("mlp_ratio", 4.0)),
                           quick_gelu=bool(d.get("quick_gelu", False)))
@@ -126,7 +157,7 @@ def architecture(name: str) -> CLIPConfig:
 
 class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
 class Attention(nn.Module):
@@ -157,27 +188,41 @@ class MLP(nn.Sequential):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); `moe` (the sparse config) makes `mlp` an MoE layer."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool, moe: CLIPConfig | None = None,
+                 layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
+        hidden = int(width * mlp_ratio)
+        self.mlp = MLP(width, hidden, quick_gelu) if moe is None else MoELayer(
+            width, hidden, moe.num_experts, moe.top_k, renormalize_gates=moe.renormalize_gates, layer=layer,
+            inference_routing=moe.inference_routing, activation="quick_gelu" if quick_gelu else "gelu")
 
-    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, causal: bool = False, routing: list[RoutingInfo] | None = None) -> Tensor:
+        """(B, T, D) -> (B, T, D); an MoE layer's routing info is appended to `routing` when given."""
         x = x + self.attn(self.ln_1(x), causal)
+        if isinstance(self.mlp, MoELayer):
+            y, info = self.mlp(self.ln_2(x))  # every position is a real token: no mask
+            if routing is not None:
+                routing.append(info)
+            return x + y
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool,
+                 moe: CLIPConfig | None = None):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu)
-                                       for _ in range(layers))
+        ids = moe_layer_ids(layers, moe.moe_layers) if moe is not None else ()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu,
+                                                              moe if i in ids else None, i) for i in range(layers))
 
-    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, causal: bool = False, routing: list[RoutingInfo] | None = None) -> Tensor:
         for block in self.resblocks:
-            x = block(x, causal)
+            x = block(x, causal, routing)
         return x
 
 
@@ -189,15 +234,15 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(w ** -0.5 * torch.randn(w))
         self.positional_embedding = nn.Parameter(w ** -0.5 * torch.randn(cfg.num_patches + 1, w))
         self.ln_pre = nn.LayerNorm(w)
-        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio, cfg.quick_gelu)
+        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio, cfg.quick_gelu, cfg)
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(w ** -0.5 * torch.randn(w, cfg.embed_dim))
 
-    def forward(self, images: Tensor) -> Tensor:  # (B, 3, R, R) -> (B, P)
+    def forward(self, images: Tensor, routing: list[RoutingInfo] | None = None) -> Tensor:  # (B, 3, R, R) -> (B, P)
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, T, W), T = grid^2
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, T + 1, W)
-        x = self.transformer(self.ln_pre(x))
+        x = self.transformer(self.ln_pre(x), routing=routing)
         return self.ln_post(x)[:, 0] @ self.proj
 
 
@@ -211,7 +256,7 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(cfg)
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, w))
-        self.transformer = Transformer(w, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio, cfg.quick_gelu)
+        self.transformer = Transformer(w, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio, cfg.quick_gelu, cfg)
         self.ln_final = nn.LayerNorm(w)
         self.text_projection = nn.Parameter(w ** -0.5 * torch.randn(w, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -219,16 +264,24 @@ class CLIP(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
-        x = self.visual(images)
-        return F.normalize(x, dim=-1) if normalize else x
+    def encode_image(self, images: Tensor, normalize: bool = False, return_routing: bool = False
+                     ) -> Tensor | tuple[Tensor, list[RoutingInfo]]:
+        """(B, 3, R, R) -> (B, P), and with `return_routing` the MoE layers' routing infos, block order."""
+        routing: list[RoutingInfo] = []
+        x = self.visual(images, routing)
+        x = F.normalize(x, dim=-1) if normalize else x
+        return (x, routing) if return_routing else x
 
-    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:  # (B, L) -> (B, P)
+    def encode_text(self, tokens: Tensor, normalize: bool = False, return_routing: bool = False
+                    ) -> Tensor | tuple[Tensor, list[RoutingInfo]]:
+        """(B, L) -> (B, P), and with `return_routing` the MoE layers' routing infos, block order."""
+        routing: list[RoutingInfo] = []
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True))
+        x = self.ln_final(self.transformer(x, causal=True, routing=routing))
         eot = tokens.argmax(dim=-1)  # OpenCLIP's "argmax" pooling: the end-of-text id is the vocabulary's largest
         x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
-        return F.normalize(x, dim=-1) if normalize else x
+        x = F.normalize(x, dim=-1) if normalize else x
+        return (x, routing) if return_routing else x
 
 
 # -- reading OpenCLIP checkpoints ------------------------------------------------------------------
@@ -284,5 +337,5 @@ def load_openclip_state_dict(model: CLIP, sd: Mapping[str, Tensor]) -> None:
     model.load_state_dict({k: sd[k].float() for k in own}, strict=True)
 
 
-__all__ = ["CLIPConfig", "ARCHITECTURES", "architecture", "from_openclip_json", "CLIP", "unwrap_state_dict", "infer_config",
-           "load_openclip_state_dict"]
+__all__ = ["CLIPConfig", "ARCHITECTURES", "architecture", "from_openclip_json", "CLIP", "unwrap_state_dict",
+           "infer_config", "load_openclip_state_dict"]

@@ -34,26 +34,38 @@ class Router(nn.Module):
         return logits, logits
 
 
-class Experts(nn.Module):
-    """E two-layer GELU MLPs whose weights are stacked, applied with one batched matmul."""
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x): its MLPs, and so its upcycled experts."""
+    return x * torch.sigmoid(1.702 * x)
 
-    def __init__(self, num_experts: int, width: int, hidden: int):
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}  # "gelu": exact erf
+
+
+class Experts(nn.Module):
+    """E two-layer MLPs (GELU, or QuickGELU for OpenAI CLIP's) whose weights are stacked, applied
+    with one batched matmul."""
+
+    def __init__(self, num_experts: int, width: int, hidden: int, activation: str = "gelu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, not {activation!r}")
         self.w1 = nn.Parameter(torch.empty(num_experts, width, hidden))  # (E, D, H)
         self.b1 = nn.Parameter(torch.zeros(num_experts, 1, hidden))  # (E, 1, H)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, width))  # (E, H, D)
         self.b2 = nn.Parameter(torch.zeros(num_experts, 1, width))  # (E, 1, D)
+        self.activation, self.act = activation, ACTIVATIONS[activation]
         nn.init.trunc_normal_(self.w1, std=0.02)
         nn.init.trunc_normal_(self.w2, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
         """(E, N, D) -> (E, N, D); row n of expert e only sees expert e's weights."""
-        h = F.gelu(torch.baddbmm(self.b1, x, self.w1))  # (E, N, H)
+        h = self.act(torch.baddbmm(self.b1, x, self.w1))  # (E, N, H)
         return torch.baddbmm(self.b2, h, self.w2)  # (E, N, D)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e alone: (N, D) -> (N, D); N may be 0."""
-        h = F.gelu(x @ self.w1[e] + self.b1[e])  # (N, H)
+        h = self.act(x @ self.w1[e] + self.b1[e])  # (N, H)
         return h @ self.w2[e] + self.b2[e]  # (N, D)
 
 
@@ -119,7 +131,8 @@ def _register_ort_moe_schema() -> None:
                                    "fc2_experts_weights", "fc2_experts_bias")]
     attrs = [OpSchema.Attribute("k", OpSchema.AttrType.INT, "experts per token"),
              OpSchema.Attribute("activation_type", OpSchema.AttrType.STRING, "gelu"),
-             OpSchema.Attribute("normalize_routing_weights", OpSchema.AttrType.INT, "0: gates are softmax probabilities")]
+             OpSchema.Attribute("normalize_routing_weights", OpSchema.AttrType.INT,
+                                "0: gates are softmax probabilities")]
     onnx.defs.register_schema(OpSchema("MoE", "com.microsoft", 1, inputs=inputs, outputs=[p("output", "T")],
                                        type_constraints=[("T", ["tensor(float)"], "")], attributes=attrs))
 
@@ -194,12 +207,13 @@ class MoELayer(nn.Module):
         train_group_size: int = 8,
         layer: int = 0,
         inference_routing: str = "dropless",
+        activation: str = "gelu",
     ):
         super().__init__()
         if inference_routing not in INFERENCE_ROUTING:
             raise ValueError(f"inference_routing must be one of {INFERENCE_ROUTING}, not {inference_routing!r}")
         self.router = Router(width, num_experts, router_noise_std)
-        self.experts = Experts(num_experts, width, hidden)
+        self.experts = Experts(num_experts, width, hidden, activation)
         self.num_experts, self.top_k, self.layer = num_experts, top_k, layer
         self.train_capacity_factor = train_capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
@@ -222,6 +236,8 @@ class MoELayer(nn.Module):
             plan = route_dropless(logits, self.top_k, mask, self.renormalize_gates)
             if self.moe_op == "fused":
                 ex = self.experts
+                if ex.activation != "gelu":
+                    raise ValueError(f"the fused MoE op has GELU experts only, not {ex.activation}")
                 y = fused_moe(x.reshape(B * T, D), logits.reshape(B * T, -1), ex.w1.transpose(1, 2), ex.b1[:, 0],
                               ex.w2.transpose(1, 2), ex.b2[:, 0], self.top_k).view(B, T, D)
             else:
