@@ -1,3 +1,8 @@
+import contextlib
+import hashlib
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -35,7 +40,53 @@ TOY_EVAL = {"zero_shot": {"toy": {"top1": 0.5, "top5": 1.0, "classes": 3, "image
 CAPTIONS = [t.replace("{}", w) for t in DEFAULT_TEMPLATES for w in ("red circle", "blue square", "cat")]
 
 
-def _export_tiny(root, inference_routing: str):
+class OnnxExports:
+    """Memoised `limoe.export.exporter.export_onnx`, where a test asks for it (`with
+    onnx_exports.reuse():`): torch.onnx's export takes ~5 s an encoder on 2 cores and writes the
+    same bytes for the same encoder, weights, config, MoE op, example and opset, so each such
+    graph is exported once per session and copied after. Whatever differs (another routing, the
+    fused op, other weights) is a miss and exported for real; the rest of the export (int8,
+    weight sharing, manifest, checks) always runs."""
+
+    def __init__(self, root):
+        self.root = root
+
+    @staticmethod
+    def key(encoder, example, input_name: str, opset: int) -> str:
+        h = hashlib.sha256()
+        model = encoder.model
+        h.update(json.dumps([type(encoder).__qualname__, type(model).__qualname__, model.cfg.to_dict(), input_name,
+                             opset, [getattr(m, "moe_op", None) for m in model.modules()]],
+                            sort_keys=True, default=str).encode())
+        for name, t in [("example", example), *encoder.state_dict().items()]:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    @contextlib.contextmanager
+    def reuse(self):
+        import limoe.export.exporter as exporter  # on use, as limoe.cli imports it
+
+        real = exporter.export_onnx
+
+        def export_onnx(encoder, example, input_name, path, opset=exporter.DEFAULT_OPSET):
+            cached = self.root / f"{self.key(encoder, example, input_name, opset)}.onnx"
+            if not cached.exists():
+                real(encoder, example, input_name, cached, opset)
+            shutil.copyfile(cached, path)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(exporter, "export_onnx", export_onnx)
+            yield self
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tmp_path_factory):
+    return OnnxExports(tmp_path_factory.mktemp("onnx-exports"))
+
+
+def _export_tiny(root, inference_routing: str, onnx_exports: OnnxExports):
     """A tiny model (top-2 routing, a peaky router; capacity 0.5 where it applies, tight enough to
     drop) exported through the CLI with int8 graphs."""
     cfg = get_config("tiny", top_k=2, eval_capacity_factor=0.5, depth=3, moe_layers="1,2",
@@ -47,21 +98,22 @@ def _export_tiny(root, inference_routing: str):
             block.mlp.router.weight.mul_(50)
     tok = Tokenizer.train(CAPTIONS, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
     ckpt = save_checkpoint(model, root / "tiny.safetensors", extra={"eval": TOY_EVAL}, tokenizer=tok)
-    assert main(["export", str(ckpt), "--name", "tiny", "--store", str(root / "store"), "--quantize", "int8"]) == 0
+    with onnx_exports.reuse():  # the tests that export this checkpoint again reuse its graphs
+        assert main(["export", str(ckpt), "--name", "tiny", "--store", str(root / "store"), "--quantize", "int8"]) == 0
     entry = root / "store" / "tiny" / "1"
     return model, tok, entry, ckpt
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, onnx_exports):
     """The tiny model exported as a dropless entry (the default): nothing is dropped."""
-    return _export_tiny(tmp_path_factory.mktemp("export"), "dropless")
+    return _export_tiny(tmp_path_factory.mktemp("export"), "dropless", onnx_exports)
 
 
 @pytest.fixture(scope="session")
-def exported_capacity(tmp_path_factory):
+def exported_capacity(tmp_path_factory, onnx_exports):
     """The same tiny model exported with capacity routing at inference (factor 0.5): drops."""
-    return _export_tiny(tmp_path_factory.mktemp("export-capacity"), "capacity")
+    return _export_tiny(tmp_path_factory.mktemp("export-capacity"), "capacity", onnx_exports)
 
 
 @pytest.fixture(scope="session", params=["dropless", "capacity"])

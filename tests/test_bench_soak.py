@@ -1,11 +1,11 @@
-"""bench/soak.py --ci: two minutes of mixed traffic (valid calls, batch jobs, vanishing, slow,
+"""bench/soak.py --ci: a minute of mixed traffic (valid calls, batch jobs, vanishing, slow,
 oversized and bad-input clients) against a real `limoe serve` on the shipped default model,
 asserting what the soak must show: no undocumented 5xx, every job finished with all its lines,
 each bad input its documented 4xx JSON error, every kind of traffic exercised, the server alive
 and ready at the end, and no file descriptors left behind.
 
 Nothing here depends on how fast the machine is: the latency and slope goals of the bench are
-measured over two minutes only, so the test reads them but does not assert them (the bench's
+measured over a minute only, so the test reads them but does not assert them (the bench's
 exit status may be 1 for them alone)."""
 
 import json

@@ -172,11 +172,12 @@ def test_the_two_graphs_share_one_copy_of_the_tower(exported):
     assert stored < nbytes(places[0]) + nbytes(places[1]) - nbytes(both) // 2
 
 
-def test_int8_only_entry_is_small_and_served_without_choosing(exported, tmp_path):
+def test_int8_only_entry_is_small_and_served_without_choosing(exported, tmp_path, onnx_exports):
     """`--formats int8` (the shipped default's format): the int8 graphs alone, picked automatically."""
     model, _, entry, ckpt = exported
     store = tmp_path / "store"
-    assert main(["export", str(ckpt), "--name", "small8", "--store", str(store), "--formats", "int8"]) == 0
+    with onnx_exports.reuse():  # the fp32 graphs `exported` made; quantised here again
+        assert main(["export", str(ckpt), "--name", "small8", "--store", str(store), "--formats", "int8"]) == 0
     small = store / "small8" / "1"
     m = json.loads((small / "manifest.json").read_text())
     assert set(m["roles"]) == {"image_onnx_int8", "text_onnx_int8", "onnx_weights_int8", "tokenizer", "model_card"}
@@ -253,11 +254,14 @@ def test_fused_moe_op_option_matches_pytorch(exported, tmp_path):
     np.testing.assert_array_equal(got_t.expert_index, ref_t[1])
 
 
-def test_export_can_override_the_inference_routing(exported, tmp_path):
+def test_export_can_override_the_inference_routing(exported, tmp_path, onnx_exports):
     model, _, _, ckpt = exported
     store = tmp_path / "store"
-    assert main(["export", str(ckpt), "--name", "cap", "--store", str(store), "--formats", "onnx",
-                 "--inference-routing", "capacity"]) == 0
+    # Overridden, the model is `exported_capacity`'s (the same weights): its graphs, when made
+    # already; were the override lost, the key would be the dropless graphs', which drop nothing.
+    with onnx_exports.reuse():
+        assert main(["export", str(ckpt), "--name", "cap", "--store", str(store), "--formats", "onnx",
+                     "--inference-routing", "capacity"]) == 0
     m = json.loads((store / "cap" / "1" / "manifest.json").read_text())
     assert m["moe"]["inference_routing"] == "capacity" and m["config"]["inference_routing"] == "capacity"
     images, _ = random_batch(model.cfg, 3)
@@ -283,7 +287,7 @@ def test_freezing_dynamic_int8_makes_it_batch_independent(exported, tmp_path):
     assert (OnnxGraph(frozen)(x).embeddings[1:] * ref[1:]).sum(-1).min() > 0.98  # in the calibrated range: near fp32
 
 
-def test_freeze_int8_command_rewrites_an_entry_in_place(exported, tmp_path, monkeypatch, capsys):
+def test_freeze_int8_command_rewrites_an_entry_in_place(exported, tmp_path, monkeypatch, capsys, onnx_exports):
     """`limoe freeze-int8 ENTRY` on an entry with dynamic int8 graphs (made here as the old
     exporter did): afterwards it verifies, records the freezing, and answers batch-independently."""
     import limoe.export.exporter
@@ -292,7 +296,8 @@ def test_freeze_int8_command_rewrites_an_entry_in_place(exported, tmp_path, monk
 
     model, _, _, ckpt = exported
     monkeypatch.setattr(limoe.export.exporter, "EXPORT_SCHEMES", SCHEMES)  # the old exporter's dynamic int8
-    export_entry(ckpt, tmp_path / "store", "old", formats=["int8"], int8_scheme="dynamic")
+    with onnx_exports.reuse():  # the fp32 graphs `exported` made
+        export_entry(ckpt, tmp_path / "store", "old", formats=["int8"], int8_scheme="dynamic")
     entry = tmp_path / "store" / "old" / "1"
     images, _ = random_batch(model.cfg, 5, seed=6)
     images[0] *= 4

@@ -24,7 +24,7 @@ TRAINING = {"step": 7, "train": {"steps": 7, "batch_size": 8, "lr": 0.001, "warm
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, onnx_exports):
     """A tiny model whose every tensor differs from its initial value, as after training (an
     untrained model's ones and zeros are merged into one tensor by the exporter), exported with
     capacity routing, as the old default was (versions 1: fp32 and int8, 2: int8 only), and
@@ -39,10 +39,11 @@ def trained(tmp_path_factory):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     tok = Tokenizer.train(CAPTIONS, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
     ckpt = save_checkpoint(model, root / "model.safetensors", extra=TRAINING, tokenizer=tok)
-    export_entry(ckpt, root / "store", "t", "1", formats=["onnx", "int8"])
-    export_entry(ckpt, root / "store", "t", "2", formats=["int8"])
-    export_entry(ckpt, root / "store", "t", "3", formats=["onnx", "int8"], inference_routing="dropless")
-    export_entry(ckpt, root / "store", "t", "4", formats=["int8"], inference_routing="dropless")
+    with onnx_exports.reuse():  # 2 and 4 quantise the fp32 graphs of 1 and 3 (traced once each)
+        export_entry(ckpt, root / "store", "t", "1", formats=["onnx", "int8"])
+        export_entry(ckpt, root / "store", "t", "2", formats=["int8"])
+        export_entry(ckpt, root / "store", "t", "3", formats=["onnx", "int8"], inference_routing="dropless")
+        export_entry(ckpt, root / "store", "t", "4", formats=["int8"], inference_routing="dropless")
     return model, root / "store" / "t"
 
 
@@ -93,7 +94,7 @@ def test_the_rebuilt_model_answers_as_the_graphs_do(trained):
         assert (mine * theirs.embeddings).sum(-1).min() > 0.99
 
 
-def test_entries_of_the_old_exporter_are_recovered(trained, tmp_path, monkeypatch):
+def test_entries_of_the_old_exporter_are_recovered(trained, tmp_path, monkeypatch, onnx_exports):
     """The shipped default's kind of graphs: dynamic int8 (one scale per tensor, MatMulInteger,
     the token table quantised too) whose activation scales were later frozen."""
     import limoe.export.exporter
@@ -102,7 +103,8 @@ def test_entries_of_the_old_exporter_are_recovered(trained, tmp_path, monkeypatc
     model, entries = trained
     ckpt = entries.parent.parent / "model.safetensors"
     monkeypatch.setattr(limoe.export.exporter, "EXPORT_SCHEMES", SCHEMES)
-    export_entry(ckpt, tmp_path / "store", "old", formats=["int8"], int8_scheme="dynamic")
+    with onnx_exports.reuse():  # version 1's fp32 graphs, quantised the old way
+        export_entry(ckpt, tmp_path / "store", "old", formats=["int8"], int8_scheme="dynamic")
     assert main(["freeze-int8", str(tmp_path / "store" / "old" / "1")]) == 0
     rebuilt, _, _ = recover_model(tmp_path / "store" / "old" / "1")
     ref = model.state_dict()
