@@ -161,7 +161,6 @@ def _upcycle_clip(args: argparse.Namespace, ours: bool) -> int:
     """`limoe upcycle` of an OpenCLIP checkpoint (or, `ours`, a CLIP checkpoint of this project) -> a sparse CLIP."""
     from limoe.export.openclip_import import CheckpointError, build_clip, read_checkpoint
     from limoe.model.checkpoint import CLIP_FORMAT, load_clip_checkpoint, save_clip_checkpoint
-    from limoe.model.clip import CLIP, infer_config, load_openclip_state_dict
     from limoe.model.upcycle import upcycle_clip
 
     try:
@@ -171,15 +170,7 @@ def _upcycle_clip(args: argparse.Namespace, ours: bool) -> int:
             sd = read_checkpoint(args.source)
             if any(".mlp.router." in k for k in sd):
                 raise ValueError("the source already has MoE layers (router weights); upcycle a dense model")
-            if args.arch:
-                dense = build_clip(args.arch, sd)
-            else:  # the shapes give everything but the activation: GELU, as OpenCLIP's own weights
-                try:
-                    dense = CLIP(infer_config(sd))
-                except ValueError as e:
-                    raise ValueError(f"{args.source}: neither a checkpoint of this project nor an OpenCLIP one "
-                                     f"({e})") from None
-                load_openclip_state_dict(dense, sd)
+            dense = build_clip(args.arch, sd)
         sparse = upcycle_clip(dense, args.experts, args.top_k, args.moe_every, args.seed)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -77,16 +77,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def build_clip(arch: str, sd: dict[str, Tensor]) -> CLIP:
-    """The architecture by name, checked against the tensors, with the weights loaded."""
+def build_clip(arch: str | None, sd: dict[str, Tensor]) -> CLIP:
+    """The architecture by name, checked against the tensors, with the weights loaded; `arch` None:
+    the architecture the tensors' shapes give (GELU, heads 64 wide: OpenCLIP's own weights)."""
     try:
-        cfg = architecture(arch)
+        cfg = architecture(arch) if arch is not None else None
     except KeyError as e:
         raise CheckpointError(str(e.args[0])) from None
     try:
-        found = infer_config(sd, cfg.quick_gelu)
+        found = infer_config(sd, cfg.quick_gelu if cfg else False)
     except ValueError as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(str(e) if cfg else f"neither a checkpoint of this project nor an OpenCLIP one ({e})"
+                              ) from None
+    cfg = cfg or found
     # The shapes say everything but the heads (infer_config's assume OpenCLIP's usual head width of 64).
     differ = [f.name for f in dataclasses.fields(cfg)
               if f.name not in ("vision_heads", "text_heads") and getattr(found, f.name) != getattr(cfg, f.name)]
