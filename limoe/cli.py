@@ -276,7 +276,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.init:  # where the weights started, for the model card
         start = read_metadata(args.init)[1]
         meta["init"] = {"checkpoint": str(args.init),
-                        **{k: start[k] for k in ("step", "data", "recovered_from") if k in start}}
+                        **{k: start[k] for k in ("step", "data", "recovered_from", "upcycled_from") if k in start}}
     train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta, init=args.init)
     import torch.distributed as dist
 

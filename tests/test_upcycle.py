@@ -71,3 +71,34 @@ def test_the_command_writes_a_checkpoint_that_trains_on(tmp_path):
     w1 = trained.blocks[1].mlp.experts.w1
     assert not torch.equal(w1[0], w1[1])  # the copies have started to diverge
     assert torch.equal(model.blocks[1].mlp.experts.w1[0], model.blocks[1].mlp.experts.w1[1])
+
+
+def test_an_upcycled_run_exports_with_its_routing_over_training(tmp_path):
+    """`limoe upcycle`, `limoe train --init`, `limoe export`: the model card says where the weights
+    came from, how to rebuild them (the upcycle command first) and how routing moved over the run."""
+    from limoe.cli import main
+    from limoe.data.scenes import prepare_scenes
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    prepare_scenes(cache, count=120)
+    assert main(["train", "--preset", "tiny", "--dense", "--data", "scenes", "--cache", str(cache), "--out",
+                 str(tmp_path / "dense"), "--steps", "2", "--batch-size", "8", "--workers", "0", "--warmup", "1"]) == 0
+    assert main(["upcycle", str(tmp_path / "dense" / "model.safetensors"), "--experts", "4", "--top-k", "2",
+                 "--moe-every", "2", "--out", str(tmp_path / "up.safetensors")]) == 0
+    assert main(["train", "--init", str(tmp_path / "up.safetensors"), "--data", "scenes", "--cache", str(cache),
+                 "--out", str(run), "--steps", "5", "--batch-size", "8", "--workers", "0", "--warmup", "1"]) == 0
+    _, extra = read_metadata(run / "model.safetensors")
+    assert extra["init"]["upcycled_from"]["experts"] == 4 and extra["init"]["upcycled_from"]["step"] == 2
+    assert main(["export", str(run / "model.safetensors"), "--name", "up", "--store", str(tmp_path / "store"),
+                 "--formats", "onnx"]) == 0
+    entry = tmp_path / "store" / "up" / "1"
+    history = json.loads((entry / "manifest.json").read_text())["training"]["routing_history"]
+    assert sorted(history) == ["image/layer1", "text/layer1"]
+    assert [p["step"] for p in history["image/layer1"]] == [1, 2, 3, 4, 5]
+    card = (entry / "MODEL_CARD.md").read_text()
+    assert f"Sparse upcycling: `{tmp_path / 'up.safetensors'}` is the dense" in card
+    assert (f"limoe upcycle {tmp_path / 'dense' / 'model.safetensors'} --experts 4 --top-k 2 --moe-every 2 "
+            f"--out {tmp_path / 'up.safetensors'}") in card
+    assert "## Routing over training" in card and "| layer | step 1 | step 2 | step 3 | step 4 | step 5 |" in card
+    first = history["image/layer1"][0]
+    assert f"| image/layer1 | {first['effective_experts']:.2f} / {first['top_share']:.0%} |" in card

@@ -58,6 +58,7 @@ from limoe.runtime.onnx_encoder import OnnxGraph
 from limoe.runtime.preprocess import PreprocessConfig
 from limoe.runtime.templates import DEFAULT_TEMPLATES
 from limoe.runtime.tokenizer import Tokenizer
+from limoe.train.routing_log import read_log, routing_history
 
 OUTPUTS = ("embeddings", "expert_index", "dropped")
 DEFAULT_OPSET = 18
@@ -486,6 +487,9 @@ def export_entry(
         }
         if "train" in extra:
             manifest["training"] = {k: extra[k] for k in ("step", "train", "data", "sources", "init") if k in extra}
+            log = Path(checkpoint).with_name("log.jsonl")  # the run's log, when exported from its run directory
+            if cfg.moe_layer_ids and log.exists():
+                manifest["training"]["routing_history"] = routing_history(read_log(log))
         manifest["stats"] = dataclasses.asdict(model_stats(cfg))
         finish_entry(tmp, final, manifest, render_model_card(manifest, manifest.get("training"), manifest["stats"]),
                      started)

@@ -96,7 +96,7 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
     flags = "" if tuple(templates) == tuple(DEFAULT_TEMPLATES) else "".join(f" --template {shlex.quote(t)}"
                                                                              for t in templates)
     lines = ["", "Reproduce (same data, seed and batches; floating-point results vary slightly across machines):", "",
-             "```bash", "limoe data prepare", train,
+             "```bash", "limoe data prepare", *_upcycle_command(init), train,
              f"limoe eval run/model.safetensors{flags}  # dropless and capacity 1.0 side by side, kept for the card",
              f"limoe export run/model.safetensors --name {manifest['name']} --formats {','.join(formats)}"
              + (f" --calibration-data {training['data']}" if "int8" in formats and training.get("data") else "")
@@ -111,7 +111,13 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
                       f"image, {recovered['agreement']['text_cosine_mean']:.5f} text) and exported as above. The "
                       "commands above retrain the model; its weights then differ from these by the int8 rounding "
                       "and the run's floating-point noise."]
-    if init:
+    if init and init.get("upcycled_from"):
+        up = init["upcycled_from"]
+        lines.insert(1, f"Sparse upcycling: `{init['checkpoint']}` is the dense `{up['checkpoint']}`"
+                        + (f" (trained {up['step']} steps)" if up.get("step") else "")
+                        + f" with its MLPs in blocks `{up['moe_layers']}` copied into {up['experts']} experts each, "
+                        f"top-{up['top_k']} renormalised, then trained on.")
+    elif init:
         lines.insert(1, f"Fine-tuned from `{init['checkpoint']}` (trained {init.get('step', '?')} steps"
                         + (f" on `{init['data']}`" if init.get("data") else "") + "): pass the config fields "
                         "that changed with `--set FIELD=VALUE` (see `config` in the manifest).")
@@ -119,6 +125,31 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
         lines.insert(1, "The config is no preset: pass the fields that differ (see `config` in the manifest) "
                         "with `--set FIELD=VALUE`.")
     return lines
+
+
+def _upcycle_command(init: dict[str, Any] | None) -> list[str]:
+    up = (init or {}).get("upcycled_from")
+    if not up:
+        return []
+    every = str(up["moe_layers"]).removeprefix("every_")
+    return [f"limoe upcycle {shlex.quote(up['checkpoint'])} --experts {up['experts']} --top-k {up['top_k']} "
+            f"--moe-every {every} --out {shlex.quote(init['checkpoint'])}"]
+
+
+def _routing_over_training(training: dict[str, Any] | None) -> list[str]:
+    """The run's routing at a few logged steps: how far the experts' use moved apart."""
+    from limoe.train.routing_log import history_table
+
+    history = (training or {}).get("routing_history")
+    if not history:
+        return []
+    return ["", "## Routing over training", "",
+            "Per MoE layer and modality, at a few of the run's logged steps: the effective number of experts "
+            "(exp of the entropy of the expert-use split; the expert count when use is even) / the busiest expert's "
+            "share of the token choices (at most 1/K with top-K routing). In an upcycled model every expert starts "
+            "as the same MLP: the split moving away from the router's first one is the experts diverging. Every "
+            "expert's share at each of these steps: `training.routing_history` in manifest.json.", ""
+            ] + history_table(history)
 
 
 def _weak_spots(ev: dict[str, Any]) -> list[str]:
@@ -212,6 +243,7 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
     lines += _reproduce(manifest, training)
     lines += ["", "## Evaluation", ""] + _evaluation(manifest.get("evaluation") or {})
     lines += _plots(manifest.get("roles", {}))
+    lines += _routing_over_training(training)
     sources = list((training or {}).get("sources") or {})
     lines += ["", attribution_markdown(sources).strip() if sources else
               "## Training data licences\n\nNo training data: the weights are as initialised.",
