@@ -176,13 +176,14 @@ def _upcycle_clip(args: argparse.Namespace, ours: bool) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     arch = "its config" if ours else args.arch or "inferred from tensor shapes, GELU"
-    record = {"checkpoint": str(args.source), "format": CLIP_FORMAT if ours else "open_clip", "arch": arch,
+    record = {"checkpoint": str(args.source), "format": CLIP_FORMAT if ours else "open_clip", "arch": args.arch,
               "experts": args.experts, "top_k": args.top_k, "moe_layers": sparse.cfg.moe_layers}
     save_clip_checkpoint(sparse, args.out, extra={"upcycled_from": record})
     cfg = sparse.cfg
     print(f"wrote {args.out}: image blocks {', '.join(map(str, cfg.vision_moe_ids))} and text blocks "
           f"{', '.join(map(str, cfg.text_moe_ids))} of {args.source} ({arch}) as {args.experts} copies of their MLP "
-          f"each, top-{args.top_k} renormalised; load it with limoe.model.checkpoint.load_clip_checkpoint"
+          f"each, top-{args.top_k} renormalised; serve it with limoe import open-clip --checkpoint {args.out} "
+          "--name NAME --license TEXT"
           + ("" if args.arch or ours else " (OpenAI's weights need --arch NAME-quickgelu)"))
     return 0
 
@@ -466,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp_sub = imp.add_subparsers(dest="source", required=True)
     oc = imp_sub.add_parser("open-clip", help="an OpenCLIP / OpenAI CLIP checkpoint file -> a two-tower store entry "
                                               "(ONNX fp32 and static int8), served torch-free")
-    oc.add_argument("--arch", required=True, help="open_clip's architecture name (e.g. ViT-B-32, ViT-B-32-quickgelu "
-                                                  "for OpenAI's weights) or an open_clip model config .json")
+    oc.add_argument("--arch", help="open_clip's architecture name (e.g. ViT-B-32, ViT-B-32-quickgelu for OpenAI's "
+                                   "weights) or an open_clip model config .json; required for an OpenCLIP file, not "
+                                   "for a CLIP checkpoint of this project (limoe upcycle's)")
     oc.add_argument("--checkpoint", required=True, help=".pt/.bin/.safetensors: a state dict or {'state_dict': ...}")
     oc.add_argument("--name", required=True, help="model name in the store")
     oc.add_argument("--license", help="who may use these weights (required; recorded in the manifest and card)")

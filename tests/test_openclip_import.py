@@ -111,3 +111,50 @@ def test_bad_inputs_are_refused_by_name(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     assert "not a CLIP checkpoint" in _refused(tmp_path, "--arch", ARCH, "--license", "MIT",
                                                checkpoint=tmp_path / "list.pt")
+    assert "--arch is required for an OpenCLIP checkpoint" in _refused(tmp_path, "--license", "MIT", checkpoint=good)
+
+
+def test_an_upcycled_sparse_clip_imports_and_routes(tmp_path):
+    """`limoe upcycle` then `limoe import open-clip` (no --arch: the sparse checkpoint records it):
+    an MoE entry whose graphs still give open_clip's embeddings (the experts are copies, step 0)
+    and report each patch's and each text token's experts."""
+    from limoe.runtime.model_store import verify
+    from limoe.runtime.onnx_encoder import OnnxEncoders
+
+    torch.save(_state_dict(), tmp_path / "tiny.pt")
+    up = limoe("upcycle", str(tmp_path / "tiny.pt"), "--arch", ARCH, "--experts", "4", "--top-k", "2",
+               "--moe-every", "1", "--out", str(tmp_path / "sparse.safetensors"))
+    assert up.returncode == 0, up.stderr
+    assert "limoe import open-clip --checkpoint" in up.stdout
+    out = limoe("import", "open-clip", "--checkpoint", str(tmp_path / "sparse.safetensors"), "--name", "tiny-moe",
+                "--license", "MIT (test weights)", "--store", str(tmp_path / "store"))
+    assert out.returncode == 0, out.stderr
+    manifest = verify(tmp_path / "store" / "tiny-moe" / "1")
+    moe = manifest.moe
+    assert (moe.layers, moe.num_experts, moe.top_k, moe.inference_routing) == ((0, 1), 4, 2, "dropless")
+    assert manifest.image_tokens == 16  # (32 / 8) ** 2 patches; the class token's choices are left out
+    stats = manifest.data["stats"]
+    assert stats["active_params"] < stats["total_params"]
+    assert manifest.data["source_checkpoint"]["upcycled_from"]["experts"] == 4
+
+    ref = np.load(FIXTURE / "reference.npz")
+    ri, rt = ref["image_embeddings"], ref["text_embeddings"]
+    enc = OnnxEncoders(manifest, quantized=False)
+    img = enc.encode_images(images())
+    ids = enc.tokenizer.encode(texts())
+    txt = enc.encode_tokens(ids)
+    assert (img.embeddings * ri).sum(-1).min() >= 0.99999 and np.abs(img.embeddings - ri).max() <= 1e-4
+    assert (txt.embeddings * rt).sum(-1).min() >= 0.99999 and np.abs(txt.embeddings - rt).max() <= 1e-4
+    assert img.expert_index.shape == (len(ri), 2, 16, 2) and (img.expert_index >= 0).all()
+    assert (img.expert_index < 4).all() and len(np.unique(img.expert_index)) > 1
+    assert not img.dropped.any() and not txt.dropped.any()  # dropless
+    eot = ids.argmax(-1)  # positions after a text's end-of-text token are padding: -1
+    for row, end in zip(txt.expert_index, eot):
+        assert (row[:, : end + 1] >= 0).all() and (row[:, end + 1:] == -1).all()
+    int8 = OnnxEncoders(manifest, quantized=True)
+    i8 = int8.encode_images(images()).embeddings
+    assert (i8 * ri).sum(-1).mean() > 0.999
+    card = (manifest.path / "MODEL_CARD.md").read_text()
+    assert "upcycled (`limoe upcycle`)" in card and "mixture of 4 experts, top-2" in card
+    assert f"limoe upcycle {tmp_path / 'tiny.pt'} --arch {ARCH} --experts 4 --top-k 2 --moe-every 1" in card
+    assert "M active per token" in card

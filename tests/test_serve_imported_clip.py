@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -43,13 +44,23 @@ def store(tmp_path_factory):
                           "--name", "tiny-clip", "--license", "MIT (test weights)", "--store", str(tmp / "store")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    for argv in (["upcycle", str(tmp / "tiny.pt"), "--arch", str(FIXTURE / "configs" / "limoe-tiny-clip.json"),
+                  "--experts", "4", "--top-k", "2", "--moe-every", "1", "--out", str(tmp / "moe.safetensors")],
+                 ["import", "open-clip", "--checkpoint", str(tmp / "moe.safetensors"), "--name", "tiny-clip-moe",
+                  "--license", "MIT (test weights)", "--store", str(tmp / "store"), "--no-int8"]):
+        out = subprocess.run([sys.executable, "-m", "limoe", *argv], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
     return tmp / "store"
 
 
 @pytest.fixture(scope="module")
-def live(store):
-    with serve_process(model="tiny-clip", model_store=str(store), jobs_dir=str(store.parent / "jobs"),
+def live(store):  # the imported CLIP (the default) and its upcycled sparse copy
+    with serve_process(models="tiny-clip,tiny-clip-moe", model_store=str(store), jobs_dir=str(store.parent / "jobs"),
                        max_batch_wait_ms=2) as (base, _):
+        deadline = time.monotonic() + 120  # ready means the default is; wait for the second model too
+        while httpx.get(f"{base}/v2/models/tiny-clip-moe/ready", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "tiny-clip-moe never became ready"
+            time.sleep(0.2)
         yield base
 
 
@@ -80,6 +91,26 @@ def test_native_classify_and_embed(live, store):
     assert vectors.shape == (3, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     ready = httpx.get(f"{live}/readyz", timeout=10).json()
     assert ready["model"] == "tiny-clip" and ready["status"] == "ready"
+
+
+def test_the_upcycled_sparse_clip_answers_as_the_dense_one_and_shows_its_routing(live, store):
+    image = png((30, 30, 200))
+    r = httpx.post(f"{live}/v1/classify", files=[("images", ("x.png", image, "image/png"))],
+                   data={"labels": LABELS, "model": "tiny-clip-moe", "explain": "true"}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny-clip-moe"
+    got = {x["label"]: x["score"] for x in body["results"][0]["labels"]}
+    assert got == pytest.approx(expected(store, image), abs=1e-4)  # experts are copies of the MLPs: step 0
+    routing = body["results"][0]["routing"]
+    assert routing["num_experts"] == 4 and routing["grid"] == 4 and [x["layer"] for x in routing["layers"]] == [0, 1]
+    for layer in routing["layers"]:
+        assert sum(layer["tokens_per_expert"]) == 16 * 2 and layer["dropped"] == 0  # 16 patches, top-2, dropless
+        assert len(layer["top1_expert"]) == 16 and all(0 <= e < 4 for e in layer["top1_expert"])
+    prompts = body["label_routing"][0]["prompts"]
+    assert prompts and all(len(p["routing"]["layers"]) == 2 for p in prompts)
+    listed = {m["name"]: m for m in httpx.get(f"{live}/v1/models", timeout=10).json()["models"]}
+    assert listed["tiny-clip-moe"]["ready"] and listed["tiny-clip"]["ready"]
 
 
 def test_huggingface_and_triton_clients(live, store):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from limoe.export.exporter import (
@@ -106,16 +106,63 @@ def build_clip(arch: str | None, sd: dict[str, Tensor]) -> CLIP:
 
 class ClipEncoder(nn.Module):
     """One tower as the store's graph signature: images (B, 3, R, R) or tokens (B, 77) ->
-    embeddings (B, P) and the routing outputs of a model without MoE layers, (B, 0, T, 1)."""
+    embeddings (B, P) and the routing outputs (B, M, T, K): M = 0 for a dense CLIP. An image's T
+    is its patches (the class token's choices are left out, so the patches form the grid the
+    routing maps draw); a text's positions after its end-of-text token are padding (-1), which
+    the causal tower's pooled output never sees."""
 
     def __init__(self, model: CLIP, modality: str):
         super().__init__()
         self.model, self.modality = model, modality
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.model.cfg
         encode = self.model.encode_image if self.modality == "image" else self.model.encode_text
-        tokens = self.model.cfg.num_patches + 1 if self.modality == "image" else x.shape[1]
-        return (F.normalize(encode(x), dim=-1), *_routing_outputs([], x.shape[0], tokens, 1))
+        emb, routing = encode(x, normalize=True, return_routing=True)
+        tokens = cfg.num_patches + 1 if self.modality == "image" else x.shape[1]
+        index, dropped = _routing_outputs(routing, x.shape[0], tokens, cfg.top_k if routing else 1)
+        if self.modality == "image":  # (B, M, 1 + patches, K) -> patches
+            return emb, index[:, :, 1:], dropped[:, :, 1:]
+        kept = (torch.arange(x.shape[1], device=x.device)[None] <= x.argmax(dim=-1)[:, None])[:, None, :, None]
+        return emb, torch.where(kept, index, -1), dropped & kept
+
+
+def moe_info(cfg: CLIPConfig) -> MoEInfo:
+    """The entry's MoE description: one list of blocks for both towers (the manifest has one)."""
+    if not cfg.vision_moe_ids and not cfg.text_moe_ids:
+        return MoEInfo((), 1, 1, "dropless")
+    if cfg.vision_moe_ids != cfg.text_moe_ids:
+        raise CheckpointError(f"the towers' MoE blocks differ (image {list(cfg.vision_moe_ids)}, text "
+                              f"{list(cfg.text_moe_ids)}): a store entry names one list for both")
+    return MoEInfo(cfg.vision_moe_ids, cfg.num_experts, cfg.top_k, cfg.inference_routing)
+
+
+def active_params(model: CLIP) -> int:
+    """Parameters one token meets: all, less the E - K experts of each MoE layer it does not use."""
+    from limoe.model.moe import MoELayer
+
+    unused = sum(sum(p.numel() for p in m.experts.parameters()) * (m.num_experts - m.top_k) // m.num_experts
+                 for m in model.modules() if isinstance(m, MoELayer))
+    return sum(p.numel() for p in model.parameters()) - unused
+
+
+def load_clip(arch: str | None, checkpoint: str | Path) -> tuple[CLIP, str | None, dict[str, Any]]:
+    """(model, architecture name, source record) of an OpenCLIP checkpoint (`arch` required: the
+    tensors cannot tell QuickGELU from GELU) or of this project's CLIP checkpoint (dense or sparse,
+    e.g. `limoe upcycle`'s; the architecture is the one recorded)."""
+    from limoe.model.checkpoint import CLIP_FORMAT, checkpoint_format, load_clip_checkpoint
+
+    if checkpoint_format(checkpoint) == CLIP_FORMAT:
+        model, extra = load_clip_checkpoint(checkpoint)
+        source = extra.get("upcycled_from", {})
+        if arch is not None and source.get("arch") not in (None, arch):
+            raise CheckpointError(f"{checkpoint} was made from a {source['arch']}, not a {arch}")
+        return model, arch or source.get("arch"), {"format": CLIP_FORMAT, **({"upcycled_from": source}
+                                                                              if source else {})}
+    if arch is None:
+        raise CheckpointError("--arch is required for an OpenCLIP checkpoint: open_clip's architecture name (e.g. "
+                              "ViT-B-32, or ViT-B-32-quickgelu for OpenAI's weights)")
+    return build_clip(arch, read_checkpoint(checkpoint)), arch, {"format": "open_clip"}
 
 
 def preprocessing(cfg: CLIPConfig) -> PreprocessConfig:
@@ -158,11 +205,14 @@ CALIBRATION_TEXTS = [t.format(label) for label in (
     for t in ("{}", "a photo of a {}.", "a drawing of a {}.", "a close-up photo of the {}.")]
 
 
-def import_openclip(arch: str, checkpoint: str | Path, name: str, license: str, store: str | Path = "model_store",
-                    version: str | None = None, int8: bool = True, calibration: str | Path | None = None,
-                    calibration_count: int = 64, templates: Sequence[str] = DEFAULT_TEMPLATES,
-                    opset: int = DEFAULT_OPSET, force: bool = False) -> Manifest:
-    """Write `<store>/<name>/<version>/` from an OpenCLIP checkpoint and return its verified manifest."""
+def import_openclip(arch: str | None, checkpoint: str | Path, name: str, license: str,
+                    store: str | Path = "model_store", version: str | None = None, int8: bool = True,
+                    calibration: str | Path | None = None, calibration_count: int = 64,
+                    templates: Sequence[str] = DEFAULT_TEMPLATES, opset: int = DEFAULT_OPSET,
+                    force: bool = False) -> Manifest:
+    """Write `<store>/<name>/<version>/` from an OpenCLIP checkpoint, or from this project's CLIP
+    checkpoint (a sparse one from `limoe upcycle` included; see `load_clip`), and return its verified
+    manifest."""
     if not license or not license.strip():
         raise CheckpointError("--license is required: say who may use these weights (e.g. 'MIT, OpenAI CLIP')")
     check_identifier(name)
@@ -171,8 +221,8 @@ def import_openclip(arch: str, checkpoint: str | Path, name: str, license: str, 
     if final.exists() and not force:
         raise FileExistsError(f"{final} already exists (pass --force to replace it)")
     started = time.perf_counter()
-    model = build_clip(arch, read_checkpoint(checkpoint))
-    cfg, prep = model.cfg, preprocessing(model.cfg)
+    model, arch, source = load_clip(arch, checkpoint)
+    cfg, prep, moe = model.cfg, preprocessing(model.cfg), moe_info(model.cfg)
     tokenizer = openclip_tokenizer(cfg.context_length)
 
     tmp = Path(store) / name / f".tmp-{version}-{os.getpid()}"
@@ -214,24 +264,24 @@ def import_openclip(arch: str, checkpoint: str | Path, name: str, license: str, 
             "logit_scale": scale,
             "templates": list(templates),
             "text_cleaning": tokenizer.cleaning,
-            "moe": MoEInfo((), 1, 1, "dropless").to_dict(),
+            "moe": moe.to_dict(),
             "graphs": {
                 "image": {"input": {"name": "images", "dtype": "float32",
                                     "shape": ["batch", 3, cfg.image_size, cfg.image_size]},
-                          "tokens": cfg.num_patches + 1},
+                          "tokens": cfg.num_patches},
                 "text": {"input": {"name": "tokens", "dtype": "int64", "shape": ["batch", cfg.context_length]},
                          "tokens": cfg.context_length},
                 "outputs": {"embeddings": {"dtype": "float32", "shape": ["batch", cfg.embed_dim]},
-                            "expert_index": {"dtype": "int64", "shape": ["batch", 0, "tokens", 1]},
-                            "dropped": {"dtype": "bool", "shape": ["batch", 0, "tokens", 1]}},
+                            "expert_index": {"dtype": "int64", "shape": ["batch", len(moe.layers), "tokens",
+                                                                         moe.top_k]},
+                            "dropped": {"dtype": "bool", "shape": ["batch", len(moe.layers), "tokens", moe.top_k]}},
             },
             "onnx": {"opset": opset, "exporter": "torch.onnx (dynamo)", "outputs": list(OUTPUTS)},
             "libraries": _libraries(),
             "license": license.strip(),
-            "source_checkpoint": {"file": Path(checkpoint).name, "format": "open_clip",
-                                  **file_record(Path(checkpoint))},
+            "source_checkpoint": {"file": Path(checkpoint).name, **source, **file_record(Path(checkpoint))},
             "quantization": {"int8": quantization} if quantization else {},
-            "stats": {"total_params": params, "active_params": params},
+            "stats": {"total_params": params, "active_params": active_params(model)},
             "roles": roles,
         }
         finish_entry(tmp, final, manifest, clip_model_card(manifest), started)
@@ -244,9 +294,16 @@ def import_openclip(arch: str, checkpoint: str | Path, name: str, license: str, 
 def clip_model_card(manifest: dict[str, Any]) -> str:
     cfg, q = manifest["config"], manifest.get("quantization", {}).get("int8", {})
     src = manifest["source_checkpoint"]
+    moe, up = manifest["moe"], src.get("upcycled_from")
+    arch = cfg.get("open_clip_architecture") or "inferred from the tensors' shapes"
+    what = ("two dense towers, no experts" if not moe["layers"] else
+            f"sparse: in blocks {', '.join(map(str, moe['layers']))} of both towers the MLP is a mixture of "
+            f"{moe['num_experts']} experts, top-{moe['top_k']} renormalised gates, {moe['inference_routing']} routing")
+    origin = (f"upcycled (`limoe upcycle`) from `{up['checkpoint']}`, its experts copies of that model's MLPs"
+              if up else "imported from an OpenCLIP checkpoint")
     lines = [f"# {manifest['name']} version {manifest['version']}", "",
-             f"A CLIP model imported from an OpenCLIP checkpoint (`{src['file']}`, sha256 {src['sha256'][:16]}...), "
-             f"architecture `{cfg['open_clip_architecture']}`: two dense towers, no experts.", "",
+             f"A CLIP model {origin} (`{src['file']}`, sha256 {src['sha256'][:16]}...), "
+             f"architecture `{arch}`: {what}.", "",
              "## Licence", "", f"The weights' licence, as the importer was told: **{manifest['license']}**. "
              "Check it before you serve these weights to others.", "",
              "## Model", "",
@@ -255,7 +312,8 @@ def clip_model_card(manifest: dict[str, Any]) -> str:
              f"- text tower: {cfg['text_width']} wide, {cfg['text_layers']} layers, {cfg['text_heads']} heads, "
              f"{cfg['context_length']} tokens, vocabulary {cfg['vocab_size']}; "
              f"{'QuickGELU' if cfg['quick_gelu'] else 'GELU'}",
-             f"- embedding {cfg['embed_dim']}; {manifest['stats']['total_params'] / 1e6:.1f}M parameters; "
+             f"- embedding {cfg['embed_dim']}; {manifest['stats']['total_params'] / 1e6:.1f}M parameters"
+             + (f", {manifest['stats']['active_params'] / 1e6:.1f}M active per token" if moe["layers"] else "") + "; "
              f"logit scale {manifest['logit_scale']:.2f}",
              "- preprocessing as open_clip's: Resize then CenterCrop (bicubic), OpenAI mean/std; text as open_clip's "
              "tokenizer (ftfy, HTML unescaping, lower case, CLIP BPE, 77 tokens)", ""]
@@ -265,9 +323,16 @@ def clip_model_card(manifest: dict[str, Any]) -> str:
                   f"cosine mean {q['image']['embedding_cosine_mean']:.5f} "
                   f"(min {q['image']['embedding_cosine_min']:.5f}), "
                   f"text {q['text']['embedding_cosine_mean']:.5f} (min {q['text']['embedding_cosine_min']:.5f}).", ""]
-    lines += ["## Reproduce", "", "```bash",
-              f"limoe import open-clip --arch {cfg['open_clip_architecture']} --checkpoint {src['file']} "
-              f"--name {manifest['name']} --license '{manifest['license']}'", "```", ""]
+    flag = f"--arch {cfg['open_clip_architecture']} " if cfg.get("open_clip_architecture") else ""
+    upcycle = ([f"limoe upcycle {shlex.quote(up['checkpoint'])} {flag}--experts {up['experts']} --top-k {up['top_k']} "
+                f"--moe-every {str(up['moe_layers']).removeprefix('every_')} --out {shlex.quote(src['file'])}"]
+               if up else [])
+    lines += ["## Reproduce", "", "```bash", *upcycle,
+              f"limoe import open-clip {'' if up else flag}--checkpoint {shlex.quote(src['file'])} "
+              f"--name {manifest['name']} --license {shlex.quote(manifest['license'])}", "```", ""]
+    if up:
+        lines += ["The experts start as copies, so before any training this entry computes what the dense model "
+                  "does (up to float rounding); `limoe train --init` does not take a CLIP checkpoint yet.", ""]
     return "\n".join(lines)
 
 
