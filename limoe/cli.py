@@ -223,17 +223,26 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from limoe.model.checkpoint import read_metadata, read_tokenizer
+    from limoe.model.checkpoint import (
+        CLIP_FORMAT,
+        checkpoint_format,
+        load_clip_checkpoint,
+        read_metadata,
+        read_tokenizer,
+    )
     from limoe.model.config import dense_counterpart, get_config, two_tower_counterpart
     from limoe.runtime.preprocess import PreprocessConfig
     from limoe.runtime.tokenizer import Tokenizer
     from limoe.train.dataset import MixDataset
     from limoe.train.trainer import TrainConfig, train, training_texts
 
-    if args.init:  # fine-tuning: the checkpoint's architecture and vocabulary, --set changes its config
-        if args.dense or args.arch != "one_tower":
-            print("error: --init takes the checkpoint's architecture; drop --dense and --arch", file=sys.stderr)
-            return 2
+    if args.init and (args.dense or args.arch != "one_tower"):  # fine-tuning: the checkpoint's architecture
+        print("error: --init takes the checkpoint's architecture; drop --dense and --arch", file=sys.stderr)
+        return 2
+    clip = bool(args.init) and checkpoint_format(args.init) == CLIP_FORMAT  # e.g. limoe upcycle's sparse CLIP
+    if clip:
+        cfg = load_clip_checkpoint(args.init)[0].cfg.replace(**parse_overrides(args.set))
+    elif args.init:
         cfg = read_metadata(args.init)[0].replace(**parse_overrides(args.set))
         if read_tokenizer(args.init) is None:
             print(f"error: {args.init} holds no tokenizer", file=sys.stderr)
@@ -244,8 +253,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = dense_counterpart(cfg)
     if args.arch == "two_tower":
         cfg = two_tower_counterpart(cfg)
-    data = MixDataset(args.data, split="train", preprocess=PreprocessConfig.from_model_config(cfg), cache=args.cache,
-                      seed=args.seed, return_captions=True)
+    if clip:
+        from limoe.export.openclip_import import preprocessing
+        from limoe.runtime.clip_tokenizer import openclip_tokenizer
+
+        prep = preprocessing(cfg)
+    else:
+        prep = PreprocessConfig.from_model_config(cfg)
+    data = MixDataset(args.data, split="train", preprocess=prep, cache=args.cache, seed=args.seed,
+                      return_captions=True)
     recipe = {k: v for k, v in (("template_prob", args.template_prob), ("multi_positive", args.multi_positive),
                                 ("unmasked_steps", args.unmasked_steps), ("teacher", args.teacher),
                                 ("teacher_weight", args.teacher_weight), ("teacher_cache", args.teacher_cache))
@@ -255,7 +271,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      keep_every=args.keep_every, num_workers=args.workers, **recipe)
     out = Path(args.out)
     tok_path = out / "tokenizer.json"
-    if tok_path.exists():  # resuming: keep the vocabulary the weights were trained with
+    if clip:  # open_clip's tokenizer: the vocabulary comes with the architecture
+        tokenizer = openclip_tokenizer(cfg.context_length)
+    elif tok_path.exists():  # resuming: keep the vocabulary the weights were trained with
         tokenizer = Tokenizer.load(tok_path)
     elif args.init:
         tokenizer = read_tokenizer(args.init)
@@ -275,7 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"({', '.join(f'{s.name}: {s.size}' for s in data.sources)}), vocabulary {tokenizer.vocab_size}")
     meta = {"data": args.data, "sources": {s.name: s.size for s in data.sources}}
     if args.init:  # where the weights started, for the model card
-        start = read_metadata(args.init)[1]
+        start = load_clip_checkpoint(args.init)[1] if clip else read_metadata(args.init)[1]
         meta["init"] = {"checkpoint": str(args.init),
                         **{k: start[k] for k in ("step", "data", "recovered_from", "upcycled_from") if k in start}}
     train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta, init=args.init)

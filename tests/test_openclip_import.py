@@ -158,3 +158,42 @@ def test_an_upcycled_sparse_clip_imports_and_routes(tmp_path):
     assert "upcycled (`limoe upcycle`)" in card and "mixture of 4 experts, top-2" in card
     assert f"limoe upcycle {tmp_path / 'tiny.pt'} --arch {ARCH} --experts 4 --top-k 2 --moe-every 1" in card
     assert "M active per token" in card
+
+
+def test_an_upcycled_clip_trains_on_with_the_entropy_losses_and_imports(tmp_path):
+    """`limoe train --init` on a sparse CLIP: open_clip's tokenizer and preprocessing, the contrastive
+    and LIMoE entropy losses, routing in the log, a CLIP checkpoint whose expert copies have moved
+    apart; its entry's card says how to rebuild it and shows routing over the run."""
+    from limoe.data.scenes import prepare_scenes
+    from limoe.model.checkpoint import load_clip_checkpoint
+    from limoe.runtime.model_store import verify
+
+    torch.save(_state_dict(), tmp_path / "tiny.pt")
+    prepare_scenes(tmp_path / "cache", count=120)
+    sparse = tmp_path / "sparse.safetensors"
+    assert limoe("upcycle", str(tmp_path / "tiny.pt"), "--arch", ARCH, "--experts", "4", "--top-k", "2",
+                 "--moe-every", "1", "--out", str(sparse)).returncode == 0
+    run = tmp_path / "run"
+    out = limoe("train", "--init", str(sparse), "--data", "scenes", "--cache", str(tmp_path / "cache"), "--out",
+                str(run), "--steps", "4", "--batch-size", "8", "--workers", "0", "--warmup", "1", "--lr", "1e-3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and {"contrastive", "local_entropy_image", "global_entropy_text"} <= set(log[-1])
+    assert {"image/layer0", "image/layer1", "text/layer0", "text/layer1"} <= set(log[-1]["routing"])
+    trained, extra = load_clip_checkpoint(run / "model.safetensors")
+    start, _ = load_clip_checkpoint(sparse)
+    assert extra["step"] == 4 and extra["init"]["upcycled_from"]["experts"] == 4
+    w = trained.visual.transformer.resblocks[0].mlp.experts.w1
+    assert torch.equal(start.visual.transformer.resblocks[0].mlp.experts.w1[0],
+                       start.visual.transformer.resblocks[0].mlp.experts.w1[1])
+    assert not torch.equal(w[0], w[1])  # the copies have started to diverge
+    imported = limoe("import", "open-clip", "--checkpoint", str(run / "model.safetensors"), "--name", "trained",
+                     "--license", "MIT (test weights)", "--store", str(tmp_path / "store"), "--no-int8")
+    assert imported.returncode == 0, imported.stderr
+    manifest = verify(tmp_path / "store" / "trained" / "1")
+    training = manifest.data["source_checkpoint"]["training"]
+    assert training["step"] == 4 and [p["step"] for p in training["routing_history"]["text/layer1"]] == [1, 2, 3, 4]
+    card = (manifest.path / "MODEL_CARD.md").read_text()
+    assert f"--out {sparse}" in card and f"limoe train --init {sparse} --data scenes --out run --steps 4" in card
+    assert "limoe import open-clip --checkpoint run/model.safetensors" in card
+    assert "## Routing over training" in card and "| image/layer0 |" in card

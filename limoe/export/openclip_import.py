@@ -45,6 +45,7 @@ from limoe.runtime.model_store import FORMAT, Manifest, ModelStore, MoEInfo, che
 from limoe.runtime.onnx_encoder import OnnxGraph
 from limoe.runtime.preprocess import PreprocessConfig
 from limoe.runtime.templates import DEFAULT_TEMPLATES
+from limoe.train.routing_log import history_table, read_log, routing_history
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -154,11 +155,16 @@ def load_clip(arch: str | None, checkpoint: str | Path) -> tuple[CLIP, str | Non
 
     if checkpoint_format(checkpoint) == CLIP_FORMAT:
         model, extra = load_clip_checkpoint(checkpoint)
-        source = extra.get("upcycled_from", {})
+        source = extra.get("upcycled_from") or extra.get("init", {}).get("upcycled_from") or {}  # trained on: init's
         if arch is not None and source.get("arch") not in (None, arch):
             raise CheckpointError(f"{checkpoint} was made from a {source['arch']}, not a {arch}")
-        return model, arch or source.get("arch"), {"format": CLIP_FORMAT, **({"upcycled_from": source}
-                                                                              if source else {})}
+        record: dict[str, Any] = {"format": CLIP_FORMAT, **({"upcycled_from": source} if source else {})}
+        if "train" in extra:  # `limoe train --init` went on from there
+            record["training"] = {k: extra[k] for k in ("step", "train", "data", "sources", "init") if k in extra}
+            log = Path(checkpoint).with_name("log.jsonl")
+            if log.exists() and model.cfg.moe_layers != "none":
+                record["training"]["routing_history"] = routing_history(read_log(log))
+        return model, arch or source.get("arch"), record
     if arch is None:
         raise CheckpointError("--arch is required for an OpenCLIP checkpoint: open_clip's architecture name (e.g. "
                               "ViT-B-32, or ViT-B-32-quickgelu for OpenAI's weights)")
@@ -324,15 +330,34 @@ def clip_model_card(manifest: dict[str, Any]) -> str:
                   f"(min {q['image']['embedding_cosine_min']:.5f}), "
                   f"text {q['text']['embedding_cosine_mean']:.5f} (min {q['text']['embedding_cosine_min']:.5f}).", ""]
     flag = f"--arch {cfg['open_clip_architecture']} " if cfg.get("open_clip_architecture") else ""
-    upcycle = ([f"limoe upcycle {shlex.quote(up['checkpoint'])} {flag}--experts {up['experts']} --top-k {up['top_k']} "
-                f"--moe-every {str(up['moe_layers']).removeprefix('every_')} --out {shlex.quote(src['file'])}"]
-               if up else [])
-    lines += ["## Reproduce", "", "```bash", *upcycle,
-              f"limoe import open-clip {'' if up else flag}--checkpoint {shlex.quote(src['file'])} "
-              f"--name {manifest['name']} --license {shlex.quote(manifest['license'])}", "```", ""]
-    if up:
+    trained = src.get("training")
+    steps = []
+    if up:  # limoe upcycle, then (when it was trained on) limoe train --init, then the import
+        sparse = trained.get("init", {}).get("checkpoint", "sparse.safetensors") if trained else src["file"]
+        steps.append(f"limoe upcycle {shlex.quote(up['checkpoint'])} {flag}--experts {up['experts']} "
+                     f"--top-k {up['top_k']} --moe-every {str(up['moe_layers']).removeprefix('every_')} "
+                     f"--out {shlex.quote(sparse)}")
+    if trained:
+        t = trained.get("train", {})
+        steps.append(f"limoe train --init {shlex.quote(trained.get('init', {}).get('checkpoint', 'INIT'))} "
+                     f"--data {trained.get('data', 'MIX')} --out run --steps {t.get('steps')} "
+                     f"--batch-size {t.get('batch_size')} --lr {t.get('lr')} --warmup {t.get('warmup_steps')} "
+                     f"--seed {t.get('seed')}")
+    checkpoint = "run/model.safetensors" if trained else shlex.quote(src["file"])
+    steps.append(f"limoe import open-clip {'' if up else flag}--checkpoint {checkpoint} "
+                 f"--name {manifest['name']} --license {shlex.quote(manifest['license'])}")
+    lines += ["## Reproduce", "", "```bash", *steps, "```", ""]
+    if trained:
+        lines += [f"Trained on after upcycling: {trained.get('step')} steps of batch {t.get('batch_size')} on "
+                  f"`{trained.get('data')}` with the contrastive loss and LIMoE's entropy losses.", ""]
+        if trained.get("routing_history"):
+            lines += ["## Routing over training", "",
+                      "Per MoE layer and modality: effective experts (exp of the expert-use entropy) / the busiest "
+                      "expert's share of the token choices, at a few logged steps: the copies diverging.", "",
+                      *history_table(trained["routing_history"]), ""]
+    elif up:
         lines += ["The experts start as copies, so before any training this entry computes what the dense model "
-                  "does (up to float rounding); `limoe train --init` does not take a CLIP checkpoint yet.", ""]
+                  "does (up to float rounding).", ""]
     return "\n".join(lines)
 
 

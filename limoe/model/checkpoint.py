@@ -109,3 +109,10 @@ def load_clip_checkpoint(path: str | Path, device: str | torch.device = "cpu") -
     model = CLIP(CLIPConfig.from_dict(json.loads(meta["config"])))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), json.loads(meta.get("extra", "{}"))
+
+
+def load_any_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[LIMoE | CLIP, dict[str, Any]]:
+    """A LIMoE (FORMAT) or CLIP (CLIP_FORMAT) checkpoint of this project, whichever `path` holds."""
+    if checkpoint_format(path) == CLIP_FORMAT:
+        return load_clip_checkpoint(path, device)
+    return load_checkpoint(path, device)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from limoe.model.config import moe_layer_ids
 from limoe.model.moe import INFERENCE_ROUTING, MoELayer, RoutingInfo, quick_gelu
+from limoe.model.transformer import LIMoEOutput
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class CLIPConfig:
     top_k: int = 1  # K experts per token
     renormalize_gates: bool = False  # gates divided by their sum over the K choices (upcycling: True)
     inference_routing: str = "dropless"  # or "capacity", as LIMoEConfig's
+    train_capacity_factor: float = 2.0  # training routes groups at this capacity (LIMoEConfig's field)
 
     def __post_init__(self):
         problems = []
@@ -198,14 +200,17 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = MLP(width, hidden, quick_gelu) if moe is None else MoELayer(
-            width, hidden, moe.num_experts, moe.top_k, renormalize_gates=moe.renormalize_gates, layer=layer,
+            width, hidden, moe.num_experts, moe.top_k, moe.train_capacity_factor,
+            renormalize_gates=moe.renormalize_gates, layer=layer,
             inference_routing=moe.inference_routing, activation="quick_gelu" if quick_gelu else "gelu")
 
-    def forward(self, x: Tensor, causal: bool = False, routing: list[RoutingInfo] | None = None) -> Tensor:
-        """(B, T, D) -> (B, T, D); an MoE layer's routing info is appended to `routing` when given."""
+    def forward(self, x: Tensor, causal: bool = False, routing: list[RoutingInfo] | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """(B, T, D) -> (B, T, D); an MoE layer's routing info is appended to `routing` when given.
+        `mask` (B, T), True for the tokens the MoE layer routes (a text's up to its end-of-text)."""
         x = x + self.attn(self.ln_1(x), causal)
         if isinstance(self.mlp, MoELayer):
-            y, info = self.mlp(self.ln_2(x))  # every position is a real token: no mask
+            y, info = self.mlp(self.ln_2(x), mask)
             if routing is not None:
                 routing.append(info)
             return x + y
@@ -220,9 +225,10 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu,
                                                               moe if i in ids else None, i) for i in range(layers))
 
-    def forward(self, x: Tensor, causal: bool = False, routing: list[RoutingInfo] | None = None) -> Tensor:
+    def forward(self, x: Tensor, causal: bool = False, routing: list[RoutingInfo] | None = None,
+                mask: Tensor | None = None) -> Tensor:
         for block in self.resblocks:
-            x = block(x, causal, routing)
+            x = block(x, causal, routing, mask)
         return x
 
 
@@ -276,12 +282,27 @@ class CLIP(nn.Module):
                     ) -> Tensor | tuple[Tensor, list[RoutingInfo]]:
         """(B, L) -> (B, P), and with `return_routing` the MoE layers' routing infos, block order."""
         routing: list[RoutingInfo] = []
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True, routing=routing))
         eot = tokens.argmax(dim=-1)  # OpenCLIP's "argmax" pooling: the end-of-text id is the vocabulary's largest
+        # Positions after the end of text are padding: causal attention keeps them out of the pooled
+        # output, and the MoE layers do not route them (they take no expert's capacity in training).
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= eot[:, None]  # (B, L)
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True, routing=routing, mask=mask))
         x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
         x = F.normalize(x, dim=-1) if normalize else x
         return (x, routing) if return_routing else x
+
+
+    def forward(self, images: Tensor, tokens: Tensor, mask_ratio: float | None = None) -> LIMoEOutput:
+        """Both towers, as the trainer calls a LIMoE: normalised embeddings, the temperature and each
+        tower's routing (the contrastive and LIMoE entropy losses take them as they take LIMoE's)."""
+        if mask_ratio:
+            raise ValueError("masked patches (image_mask_ratio) are for LIMoE models, not CLIP")
+        image, image_routing = self.encode_image(images, normalize=True, return_routing=True)
+        text, text_routing = self.encode_text(tokens, normalize=True, return_routing=True)
+        scale = self.logit_scale.clamp(max=math.log(100))  # open_clip's training clamps it there too
+        return LIMoEOutput(image, text, scale, image_routing, text_routing,
+                           getattr(self, "logit_bias", None))
 
 
 # -- reading OpenCLIP checkpoints ------------------------------------------------------------------

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from limoe.model.checkpoint import load_checkpoint, save_checkpoint
+from limoe.model.checkpoint import load_any_checkpoint, save_checkpoint, save_clip_checkpoint
+from limoe.model.clip import CLIP, CLIPConfig
 from limoe.model.config import LIMoEConfig
 from limoe.model.losses import distillation_loss, limoe_loss
 from limoe.model.moe import RoutingInfo
@@ -205,13 +206,33 @@ def gather_texts(texts: list[str]) -> list[str]:
 
 
 # -- one step --------------------------------------------------------------------------------
+def loss_config(cfg: LIMoEConfig | CLIPConfig) -> LIMoEConfig:
+    """The config the losses read. A (sparse) CLIP has none of LIMoE's loss fields: it trains with
+    the softmax contrastive loss and LIMoE's entropy losses at their defaults (the paper's weights)."""
+    if isinstance(cfg, CLIPConfig):
+        return LIMoEConfig(num_experts=cfg.num_experts, top_k=cfg.top_k)
+    return cfg
+
+
+def new_model(cfg: LIMoEConfig | CLIPConfig) -> LIMoE | CLIP:
+    return CLIP(cfg) if isinstance(cfg, CLIPConfig) else build_model(cfg)
+
+
+def save_weights(model: LIMoE | CLIP, path: Path, tokenizer: Tokenizer, extra: dict) -> None:
+    """A LIMoE checkpoint with its tokenizer, or a CLIP one (its tokenizer is open_clip's, fixed by the config)."""
+    if isinstance(model, CLIP):
+        save_clip_checkpoint(model, path, extra=extra)
+    else:
+        save_checkpoint(model, path, tokenizer=tokenizer, extra=extra)
+
+
 def forward_terms(model: nn.Module, pixels: Tensor, tokens: Tensor, texts: Sequence[str], model_cfg: LIMoEConfig,
                   train_cfg: TrainConfig, positives: Tensor | None = None, targets: "TeacherTargets | None" = None,
                   head: nn.Module | None = None, mask_ratio: float | None = None):
     """The forward pass and every loss term of one step: (LIMoEOutput, terms with "total")."""
     output = model(pixels, tokens, mask_ratio=mask_ratio)
     terms = limoe_loss(gather(output.image_embeds.float()), gather(output.text_embeds.float()),
-                       output.logit_scale, output.image_routing, output.text_routing, model_cfg, positives,
+                       output.logit_scale, output.image_routing, output.text_routing, loss_config(model_cfg), positives,
                        output.logit_bias)
     if targets is not None:
         terms["teacher"] = train_cfg.teacher_weight * distillation_loss(head(output.text_embeds.float()),
@@ -255,8 +276,8 @@ def _save(out: Path, model: LIMoE, tokenizer: Tokenizer, opt, step: int, train_c
           extra: dict | None = None, head: nn.Module | None = None) -> None:
     """model.safetensors (weights, config, tokenizer) + train_state.pt (optimizer, step, the
     teacher's head if any), atomically."""
-    save_checkpoint(model, out / "model.safetensors", tokenizer=tokenizer,
-                    extra={"step": step, "train": asdict(train_cfg), **(extra or {})})
+    save_weights(model, out / "model.safetensors", tokenizer,
+                 {"step": step, "train": asdict(train_cfg), **(extra or {})})
     tmp = out / "train_state.pt.tmp"
     torch.save({"optimizer": opt.state_dict(), "step": step, "train": asdict(train_cfg),
                 **({"teacher_head": head.state_dict()} if head is not None else {})}, tmp)
@@ -279,12 +300,12 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
         out.mkdir(parents=True, exist_ok=True)
     start = 0
     torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg)
+    model = new_model(model_cfg)
     if init is not None and not (resume and (out / "train_state.pt").exists()):
-        start_from, _ = load_checkpoint(init)
+        start_from, _ = load_any_checkpoint(init)
         model.load_state_dict(start_from.state_dict(), strict=True)
     if resume and (out / "train_state.pt").exists():
-        model, _ = load_checkpoint(out / "model.safetensors")
+        model, _ = load_any_checkpoint(out / "model.safetensors")
         model_cfg = model.cfg
     model.to(device).train()
     targets = head = None
@@ -365,8 +386,8 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
                 _save(out, model, tokenizer, opt, done, train_cfg, meta, head)
             if rank == 0 and train_cfg.keep_every and done % train_cfg.keep_every == 0:
                 (out / "steps").mkdir(exist_ok=True)
-                save_checkpoint(model, out / "steps" / f"model-{done}.safetensors", tokenizer=tokenizer,
-                                extra={"step": done, "train": asdict(train_cfg), **(meta or {})})
+                save_weights(model, out / "steps" / f"model-{done}.safetensors", tokenizer,
+                             {"step": done, "train": asdict(train_cfg), **(meta or {})})
     finally:
         if bar is not None:
             bar.close()
