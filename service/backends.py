@@ -101,10 +101,21 @@ def open_onnx(manifest: Manifest, device: str = "auto", threads: int = 0, quanti
     return enc
 
 
+def encoder_passes(settings: Settings, manifest: Manifest) -> int:
+    """LIMOE_ENCODER_PASSES when it is set; else the entry's advice (the manifest's
+    `serving.encoder_passes`: an imported CLIP asks for 1, so that one pass gets every core and a
+    lone request is not held to one core's speed); else the setting's default."""
+    if "encoder_passes" in settings.model_fields_set:
+        return settings.encoder_passes
+    advised = (manifest.data.get("serving") or {}).get("encoder_passes")
+    return advised if isinstance(advised, int) and not isinstance(advised, bool) and 1 <= advised <= 16 \
+        else settings.encoder_passes
+
+
 def load_backend(settings: Settings) -> Backend:
     check_device(settings)
     manifest = load_manifest(settings)
-    threads = threads_per_pass(settings.encoder_passes, settings.threads)
+    threads = threads_per_pass(encoder_passes(settings, manifest), settings.threads)
     if settings.backend == "onnx":
         return open_onnx(manifest, settings.device, threads, settings.quantized, settings.spinning)
     return TorchEncoders.from_entry(manifest, settings.device, threads)

@@ -18,7 +18,7 @@ import numpy as np
 from limoe.runtime.preprocess import ImageError, ImageTooLargeError, PixelBudget, decode_image
 from limoe.runtime.routing_counts import expert_counts
 from limoe.runtime.zeroshot import ensemble, fill_templates, zero_shot_scores
-from service.backends import Backend
+from service.backends import Backend, encoder_passes
 from service.batcher import DynamicBatcher, ItemResult, PassShare, Permit
 from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, ServiceError, Unprocessable
 from service.metrics import Metrics, ModelMetrics
@@ -136,7 +136,8 @@ class Engine:
             self.metrics.observe_routing(modality, self.moe_layers, self.num_experts, out.expert_index, out.dropped)
 
         return DynamicBatcher(modality, forward, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size,
-                              self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch, passes=s.encoder_passes,
+                              self.metrics, on_batch=count, low_max_batch=s.jobs_max_batch,
+                              passes=encoder_passes(s, self.backend.manifest),
                               pass_timeout_s=s.infer_timeout_s, share=self.share, share_key=self.backend.name,
                               nice=s.pass_nice)
 

@@ -11,7 +11,7 @@ import torch
 from servers import ROOT
 
 from limoe.runtime.onnx_encoder import OnnxEncoders
-from service.backends import DeviceError, check_device, load_manifest, open_onnx
+from service.backends import DeviceError, FakeBackend, check_device, encoder_passes, load_manifest, open_onnx
 from service.settings import Settings
 
 STORE = str(ROOT / "model_store")
@@ -56,3 +56,39 @@ def test_fp32_graphs_on_cuda_are_not_warned_about(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="limoe.service"):
         open_onnx(manifest, device="auto", quantized=False)
     assert not [r for r in caplog.records if "int8" in r.message]
+
+
+@pytest.mark.parametrize("advice,explicit,want", [
+    ({"encoder_passes": 1}, None, 1),  # an imported CLIP's advice is taken
+    ({"encoder_passes": 1}, 3, 3),  # LIMOE_ENCODER_PASSES wins over it
+    (None, None, 2),  # no advice: the setting's default
+    ({"encoder_passes": 0}, None, 2), ({"encoder_passes": True}, None, 2), ({"encoder_passes": "1"}, None, 2),
+])
+def test_encoder_passes_follow_the_entrys_advice_unless_set(advice, explicit, want):
+    manifest = FakeBackend().manifest
+    if advice is not None:
+        manifest.data["serving"] = advice
+    settings = Settings(**({"encoder_passes": explicit} if explicit is not None else {}))
+    assert encoder_passes(settings, manifest) == want
+
+
+def test_an_imported_clip_advises_one_pass(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    fixture = ROOT / "tests" / "fixtures" / "openclip"
+    sys.path.insert(0, str(fixture))
+    from weights import weights
+
+    meta = json.loads((fixture / "reference.json").read_text())
+    torch.save({k: torch.from_numpy(v) for k, v in weights({k: tuple(s) for k, s in meta["keys"].items()}).items()},
+               tmp_path / "tiny.pt")
+    out = subprocess.run([sys.executable, "-m", "limoe", "import", "open-clip", "--arch",
+                          str(fixture / "configs" / "limoe-tiny-clip.json"), "--checkpoint", str(tmp_path / "tiny.pt"),
+                          "--name", "c", "--license", "MIT", "--store", str(tmp_path / "store"), "--no-int8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    manifest = load_manifest(Settings(model="c", model_store=tmp_path / "store"))
+    assert manifest.data["serving"] == {"encoder_passes": 1}
+    assert encoder_passes(Settings(), manifest) == 1

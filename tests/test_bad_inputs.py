@@ -1,4 +1,5 @@
-"""Bad inputs against the real server (`limoe serve`, the shipped ONNX model `limoe-tiny`).
+"""Bad inputs against the real server (`limoe serve`, the shipped ONNX model `limoe-tiny`, or
+$LIMOE_CORPUS_MODEL from $LIMOE_CORPUS_STORE: see tests/test_bad_inputs_clip.py).
 
 Every bad request must get a clear 4xx JSON error {"error", "code"} with the documented status,
 never a 500, a hang, a crash or leaked internals; and after each one the server must still
@@ -18,6 +19,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import socket
 import struct
@@ -34,9 +36,11 @@ from tritonclient.utils import serialize_byte_tensor
 
 from servers import serve_process
 
-MODEL = "limoe-tiny"
+# tests/test_bad_inputs_clip.py runs this corpus again with an imported CLIP as the default model.
+MODEL = os.environ.get("LIMOE_CORPUS_MODEL", "limoe-tiny")
 SECOND = "limoe-small"
 LIMITS = {
+    **({"model_store": os.environ["LIMOE_CORPUS_STORE"]} if os.environ.get("LIMOE_CORPUS_STORE") else {}),
     "models": f"{MODEL},{SECOND}",
     "max_body_bytes": 200_000,
     "max_image_bytes": 100_000,

@@ -288,6 +288,9 @@ def import_openclip(arch: str | None, checkpoint: str | Path, name: str, license
             "source_checkpoint": {"file": Path(checkpoint).name, **source, **file_record(Path(checkpoint))},
             "quantization": {"int8": quantization} if quantization else {},
             "stats": {"total_params": params, "active_params": active_params(model)},
+            # A ViT-B image costs tens of times a LIMoE-small's: one forward pass at a time on every core
+            # serves a lone request at torch's speed, where two one-core passes halve it (bench/clip_serving.py).
+            "serving": {"encoder_passes": 1},
             "roles": roles,
         }
         finish_entry(tmp, final, manifest, clip_model_card(manifest), started)
