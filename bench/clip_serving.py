@@ -39,6 +39,7 @@ import httpx
 import numpy as np
 from _load import close_clients, closed_loop, new_clients, percentile, run_async
 from _server import Server
+from openclip_parity import BUILD_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["a photo of a cat", "a photo of a dog", "a cup of coffee", "an astronaut", "a rocket", "a red car",
@@ -48,13 +49,7 @@ OPEN_CLIP = r'''
 import json, sys, time, numpy as np, torch, open_clip
 arch, out, seconds, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-torch.manual_seed(0)
-model = open_clip.create_model(arch, pretrained=None).eval()
-with torch.no_grad():
-    for p in model.parameters():
-        p.add_(0.02 * torch.randn_like(p))
-torch.save(model.state_dict(), out + "/model.bin")
-size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+''' + BUILD_MODEL + r'''
 rates = {}
 with torch.inference_mode():
     for batch in (1, 32):

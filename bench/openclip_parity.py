@@ -27,11 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "openclip"
 
-REFERENCE = r'''
-import sys, numpy as np, torch, open_clip
-sys.path.insert(0, sys.argv[4])
-from weights import texts
-arch, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# Run by open_clip's interpreter with `arch` and `out` set: the random-initialised model, every weight
+# perturbed (so no symmetry of the init hides a bug), saved as OUT/model.bin; `size` its image size.
+BUILD_MODEL = r'''
 torch.manual_seed(0)
 model = open_clip.create_model(arch, pretrained=None).eval()
 with torch.no_grad():
@@ -39,6 +37,14 @@ with torch.no_grad():
         p.add_(0.02 * torch.randn_like(p))
 torch.save(model.state_dict(), out + "/model.bin")
 size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+'''
+
+REFERENCE = r'''
+import sys, numpy as np, torch, open_clip
+sys.path.insert(0, sys.argv[4])
+from weights import texts
+arch, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+''' + BUILD_MODEL + r'''
 g = np.random.default_rng(0)
 yy, xx = np.mgrid[0:size, 0:size] / size
 base = g.standard_normal((n, 3, 3, 1, 1))
