@@ -84,15 +84,19 @@ def dropless_experts(x: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
     real = plan.mask.reshape(G * S, 1)  # (N, 1)
     choice = torch.where(real, plan.expert_index.reshape(G * S, K), -1).reshape(-1)  # (N*K,), -1: padding
     gates = plan.gates.reshape(-1)  # (N*K,)
-    rows, outputs = [], []
+    picks, outputs = [], []
     for e in range(experts.w1.shape[0]):
         picked = (choice == e).nonzero().squeeze(-1)  # (n_e,) choice ids, token-major
         row = picked // K if K > 1 else picked  # (n_e,) their tokens
         y = experts.expert(e, tokens.index_select(0, row))  # (n_e, D)
-        rows.append(row)
+        picks.append(picked)
         outputs.append(y * gates.index_select(0, picked).unsqueeze(-1).to(y.dtype))
-    # A token's K choices are distinct experts, so its rows meet only across experts: add them.
-    return torch.zeros_like(tokens).index_add(0, torch.cat(rows), torch.cat(outputs)).view(G, S, D)
+    # Each choice id occurs once, so the outputs go back to their choices' rows with a scatter of
+    # distinct indices (a scatter-add onto tokens would repeat a token's row K times, and ONNX
+    # Runtime's parallel ScatterND add loses updates when rows repeat), then a token sums its K.
+    per_choice = torch.zeros(G * S * K, D, dtype=tokens.dtype, device=tokens.device)
+    per_choice = per_choice.index_copy(0, torch.cat(picks), torch.cat(outputs))  # (N*K, D)
+    return per_choice.view(G * S, K, D).sum(1).view(G, S, D)
 
 
 @torch.library.custom_op("limoe::fused_moe", mutates_args=())
