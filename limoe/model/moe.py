@@ -92,8 +92,9 @@ def dropless_experts(x: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
         picks.append(picked)
         outputs.append(y * gates.index_select(0, picked).unsqueeze(-1).to(y.dtype))
     # Each choice id occurs once, so the outputs go back to their choices' rows with a scatter of
-    # distinct indices (a scatter-add onto tokens would repeat a token's row K times, and ONNX
-    # Runtime's parallel ScatterND add loses updates when rows repeat), then a token sums its K.
+    # distinct indices, then a token sums its K. A scatter-add onto tokens would repeat a token's row
+    # K times; with it, a top-2 sparse CLIP's ONNX embeddings came out wrong on a few images in one
+    # CI run (ONNX Runtime does not promise repeated indices in ScatterND are added safely).
     per_choice = torch.zeros(G * S * K, D, dtype=tokens.dtype, device=tokens.device)
     per_choice = per_choice.index_copy(0, torch.cat(picks), torch.cat(outputs))  # (N*K, D)
     return per_choice.view(G * S, K, D).sum(1).view(G, S, D)
