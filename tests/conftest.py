@@ -133,3 +133,28 @@ def exported_two_tower(tmp_path_factory):
     ckpt = save_checkpoint(model, root / "tt.safetensors", tokenizer=tok)
     assert main(["export", str(ckpt), "--name", "tt", "--store", str(root / "store"), "--quantize", "int8"]) == 0
     return model, tok, root / "store" / "tt" / "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """The tiny fixture OpenCLIP checkpoint (tests/fixtures/openclip) and its `limoe import open-clip`
+    entry, built once per session: (checkpoint .pt, entry directory). Copy the entry into a store of
+    your own before adding to it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "openclip"
+    sys.path.insert(0, str(fixture))
+    from weights import weights
+
+    tmp = tmp_path_factory.mktemp("tiny-clip")
+    meta = json.loads((fixture / "reference.json").read_text())
+    torch.save({k: torch.from_numpy(v) for k, v in weights({k: tuple(s) for k, s in meta["keys"].items()}).items()},
+               tmp / "tiny.pt")
+    out = subprocess.run([sys.executable, "-m", "limoe", "import", "open-clip", "--arch",
+                          str(fixture / "configs" / "limoe-tiny-clip.json"), "--checkpoint", str(tmp / "tiny.pt"),
+                          "--name", "tiny-clip", "--license", "MIT (test weights)", "--store", str(tmp / "store")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return tmp / "tiny.pt", tmp / "store" / "tiny-clip" / "1"

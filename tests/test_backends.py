@@ -72,23 +72,7 @@ def test_encoder_passes_follow_the_entrys_advice_unless_set(advice, explicit, wa
     assert encoder_passes(settings, manifest) == want
 
 
-def test_an_imported_clip_advises_one_pass(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    fixture = ROOT / "tests" / "fixtures" / "openclip"
-    sys.path.insert(0, str(fixture))
-    from weights import weights
-
-    meta = json.loads((fixture / "reference.json").read_text())
-    torch.save({k: torch.from_numpy(v) for k, v in weights({k: tuple(s) for k, s in meta["keys"].items()}).items()},
-               tmp_path / "tiny.pt")
-    out = subprocess.run([sys.executable, "-m", "limoe", "import", "open-clip", "--arch",
-                          str(fixture / "configs" / "limoe-tiny-clip.json"), "--checkpoint", str(tmp_path / "tiny.pt"),
-                          "--name", "c", "--license", "MIT", "--store", str(tmp_path / "store"), "--no-int8"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    manifest = load_manifest(Settings(model="c", model_store=tmp_path / "store"))
+def test_an_imported_clip_advises_one_pass(tiny_clip):
+    manifest = load_manifest(Settings(model=str(tiny_clip[1])))
     assert manifest.data["serving"] == {"encoder_passes": 1}
     assert encoder_passes(Settings(), manifest) == 1

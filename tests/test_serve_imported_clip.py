@@ -5,6 +5,7 @@ the web page, and `limoe classify` offline (issue 26)."""
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -13,14 +14,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from servers import serve_process
 from test_batch_jobs import wait_finished
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "openclip"
 sys.path.insert(0, str(FIXTURE))
-from weights import weights  # noqa: E402
 
 LABELS = ["a photo of a cat", "café au lait", "rocket 🚀"]
 
@@ -34,16 +33,11 @@ def png(color, size=(64, 48)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, tiny_clip):
     tmp = tmp_path_factory.mktemp("clip-store")
-    meta = json.loads((FIXTURE / "reference.json").read_text())
-    sd = {k: torch.from_numpy(v) for k, v in weights({k: tuple(s) for k, s in meta["keys"].items()}).items()}
-    torch.save(sd, tmp / "tiny.pt")
-    out = subprocess.run([sys.executable, "-m", "limoe", "import", "open-clip", "--arch",
-                          str(FIXTURE / "configs" / "limoe-tiny-clip.json"), "--checkpoint", str(tmp / "tiny.pt"),
-                          "--name", "tiny-clip", "--license", "MIT (test weights)", "--store", str(tmp / "store")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    checkpoint, entry = tiny_clip
+    shutil.copytree(entry, tmp / "store" / "tiny-clip" / "1")
+    shutil.copy(checkpoint, tmp / "tiny.pt")
     for argv in (["upcycle", str(tmp / "tiny.pt"), "--arch", str(FIXTURE / "configs" / "limoe-tiny-clip.json"),
                   "--experts", "4", "--top-k", "2", "--moe-every", "1", "--out", str(tmp / "moe.safetensors")],
                  ["import", "open-clip", "--checkpoint", str(tmp / "moe.safetensors"), "--name", "tiny-clip-moe",
