@@ -38,7 +38,12 @@ from limoe.eval.evaluate import evaluate, write_results
 from limoe.eval.sets import default_eval_sets
 from limoe.export.torch_encoders import checkpoint_encoders
 from limoe.model.checkpoint import read_metadata
-from limoe.model.config import LIMoEConfig, dense_counterpart, get_config, two_tower_counterpart
+from limoe.model.config import (
+    LIMoEConfig,
+    dense_counterpart,
+    get_config,
+    two_tower_counterpart,
+)
 from limoe.runtime.preprocess import PreprocessConfig
 from limoe.runtime.tokenizer import Tokenizer
 from limoe.train.dataset import MixDataset
@@ -163,6 +168,23 @@ def finished(run_dir: Path, cfg: LIMoEConfig, tc: TrainConfig, data: str) -> boo
     return extra.get("step") == tc.steps
 
 
+def evaluated(run_dir: Path, cache: str | None, limit: int, sets: list, name: str = "eval.json",
+              fresh: bool = False, bench: dict | None = None, **routing) -> tuple[dict, list]:
+    """run_dir/name: the run's evaluation on the held-out sets, reused unless `fresh` or of another
+    limit, else computed now (`routing`: checkpoint_encoders' options, e.g. capacity routing) and
+    written with `bench` beside the limit; and the eval sets, loaded on first use (every run of a
+    bench shares the image preprocessing)."""
+    path = run_dir / name
+    results = json.loads(path.read_text()) if path.exists() and not fresh else None
+    if results is None or results.get("bench", {}).get("limit") != limit:
+        enc = checkpoint_encoders(run_dir / "model.safetensors", **routing)
+        sets = sets or default_eval_sets(enc, cache=cache, limit=limit)
+        results = {**evaluate(enc, sets), "bench": {"limit": limit, **(bench or {})}}
+        write_results(results, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return results, sets
+
+
 def _log(run_dir: Path) -> dict[int, dict]:
     """log.jsonl by step (the last line of each step, so steps replayed after an interruption
     count once); empty when there is no log."""
@@ -239,17 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             done += 1
             run_dir = Path(args.out) / VARIANTS[name][0] / f"seed{seed}"
-            eval_path = run_dir / "eval.json"
             reused = finished(run_dir, configs[name], tc, args.data)
             if not reused:
                 train(configs[name], tc, data, tokenizer, run_dir, progress=False, meta=meta)
-            results = json.loads(eval_path.read_text()) if reused and eval_path.exists() else None
-            if results is None or results.get("bench", {}).get("limit") != args.limit:
-                enc = checkpoint_encoders(run_dir / "model.safetensors")
-                eval_sets = eval_sets or default_eval_sets(enc, cache=args.cache, limit=args.limit)
-                results = {**evaluate(enc, eval_sets), "bench": {"limit": args.limit, "steps": args.steps}}
-                write_results(results, eval_path.with_suffix(".tmp"))
-                eval_path.with_suffix(".tmp").replace(eval_path)
+            results, eval_sets = evaluated(run_dir, args.cache, args.limit, eval_sets, fresh=not reused,
+                                           bench={"steps": args.steps})
             record = run_record(seed, results, train_seconds(run_dir, args.batch_size))
             record["train_loss"] = final_train_loss(run_dir)
             runs[name].append(record)

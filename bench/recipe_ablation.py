@@ -21,11 +21,16 @@ import json
 import time
 from pathlib import Path
 
-from limoe_vs_dense import final_train_loss, finished, format_table, run_record, summarize, train_seconds
+from limoe_vs_dense import (
+    evaluated,
+    final_train_loss,
+    finished,
+    format_table,
+    run_record,
+    summarize,
+    train_seconds,
+)
 
-from limoe.eval.evaluate import evaluate, write_results
-from limoe.eval.sets import default_eval_sets
-from limoe.export.torch_encoders import checkpoint_encoders
 from limoe.model.config import get_config
 from limoe.runtime.preprocess import PreprocessConfig
 from limoe.runtime.tokenizer import Tokenizer
@@ -114,23 +119,11 @@ def main(argv: list[str] | None = None) -> None:
             if not reused:
                 train(cfg, tc, data, tokenizer, run_dir, progress=False, meta=meta)
                 (run_dir / "cpu_seconds.json").write_text(json.dumps({"cpu_seconds": time.process_time() - cpu0}))
-            eval_path = run_dir / "eval.json"
-            results = json.loads(eval_path.read_text()) if eval_path.exists() else None
-            if results is None or results.get("bench", {}).get("limit") != args.limit:
-                enc = checkpoint_encoders(run_dir / "model.safetensors")
-                eval_sets = eval_sets or default_eval_sets(enc, cache=args.cache, limit=args.limit)
-                results = {**evaluate(enc, eval_sets), "bench": {"limit": args.limit, "steps": steps}}
-                write_results(results, eval_path.with_suffix(".tmp"))
-                eval_path.with_suffix(".tmp").replace(eval_path)
-            cap_path = run_dir / "eval_capacity.json"  # the same weights routed at capacity 1.0 (not dropless)
-            capacity = json.loads(cap_path.read_text()) if cap_path.exists() else None
-            if capacity is None or capacity.get("bench", {}).get("limit") != args.limit:
-                enc = checkpoint_encoders(run_dir / "model.safetensors", inference_routing="capacity",
-                                          eval_capacity_factor=1.0)
-                eval_sets = eval_sets or default_eval_sets(enc, cache=args.cache, limit=args.limit)
-                capacity = {**evaluate(enc, eval_sets), "bench": {"limit": args.limit, "steps": steps}}
-                write_results(capacity, cap_path.with_suffix(".tmp"))
-                cap_path.with_suffix(".tmp").replace(cap_path)
+            results, eval_sets = evaluated(run_dir, args.cache, args.limit, eval_sets, bench={"steps": steps})
+            # the same weights routed at capacity 1.0 (not dropless)
+            capacity, eval_sets = evaluated(run_dir, args.cache, args.limit, eval_sets, "eval_capacity.json",
+                                            bench={"steps": steps}, inference_routing="capacity",
+                                            eval_capacity_factor=1.0)
             record = run_record(seed, results, train_seconds(run_dir, args.batch_size))
             at_capacity = run_record(seed, capacity, None)
             record["capacity_1.0"] = {"mean_top1": at_capacity["mean_top1"], "mean_10way": at_capacity["mean_10way"]}

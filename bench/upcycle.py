@@ -38,6 +38,7 @@ from pathlib import Path
 
 from limoe_vs_dense import (
     _pm,
+    evaluated,
     final_train_loss,
     finished,
     format_table,
@@ -48,9 +49,6 @@ from limoe_vs_dense import (
 from train_throughput import Run, real_batches, timed
 
 from limoe.cli import parse_overrides
-from limoe.eval.evaluate import evaluate, write_results
-from limoe.eval.sets import default_eval_sets
-from limoe.export.torch_encoders import checkpoint_encoders
 from limoe.model.checkpoint import load_checkpoint, save_checkpoint
 from limoe.model.config import LIMoEConfig, dense_counterpart, get_config
 from limoe.model.upcycle import upcycle, upcycled_config
@@ -99,19 +97,6 @@ def arm_rates(args, base: LIMoEConfig, configs: dict[str, LIMoEConfig], out: Pat
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "rates": rates}, indent=2) + "\n")
     return rates
-
-
-def evaluated(run_dir: Path, cache: str | None, limit: int, sets: list) -> tuple[dict, list]:
-    """run_dir's eval.json (computed now if missing or of another --limit), and the eval sets."""
-    path = run_dir / "eval.json"
-    results = json.loads(path.read_text()) if path.exists() else None
-    if results is None or results.get("bench", {}).get("limit") != limit:
-        enc = checkpoint_encoders(run_dir / "model.safetensors")
-        sets = sets or default_eval_sets(enc, cache=cache, limit=limit)
-        results = {**evaluate(enc, sets), "bench": {"limit": limit}}
-        write_results(results, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-    return results, sets
 
 
 def verdict(arms: dict[str, dict], other: str) -> str:

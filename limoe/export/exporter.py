@@ -351,6 +351,17 @@ def freeze_entry_int8(entry: str | Path, calibration_data: str | None = None, ca
     return verify(entry)
 
 
+def training_record(checkpoint: str | Path, extra: dict[str, Any], sparse: bool) -> dict[str, Any]:
+    """What the model card tells of the training run that wrote `checkpoint` (its metadata `extra`),
+    with the routing over the run when the model is sparse and the run's log.jsonl lies beside it
+    (exported from its run directory)."""
+    record = {k: extra[k] for k in ("step", "train", "data", "sources", "init") if k in extra}
+    log = Path(checkpoint).with_name("log.jsonl")
+    if sparse and log.exists():
+        record["routing_history"] = routing_history(read_log(log))
+    return record
+
+
 def export_entry(
     checkpoint: str | Path,
     store: str | Path,
@@ -486,10 +497,7 @@ def export_entry(
             "roles": roles,
         }
         if "train" in extra:
-            manifest["training"] = {k: extra[k] for k in ("step", "train", "data", "sources", "init") if k in extra}
-            log = Path(checkpoint).with_name("log.jsonl")  # the run's log, when exported from its run directory
-            if cfg.moe_layer_ids and log.exists():
-                manifest["training"]["routing_history"] = routing_history(read_log(log))
+            manifest["training"] = training_record(checkpoint, extra, bool(cfg.moe_layer_ids))
         manifest["stats"] = dataclasses.asdict(model_stats(cfg))
         finish_entry(tmp, final, manifest, render_model_card(manifest, manifest.get("training"), manifest["stats"]),
                      started)

@@ -66,7 +66,12 @@ def _plots(roles: dict[str, str]) -> list[str]:
 
 def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> list[str]:
     """The commands that rebuild this entry from its recorded training run."""
-    from limoe.model.config import PRESETS, LIMoEConfig, dense_counterpart, two_tower_counterpart
+    from limoe.model.config import (
+        PRESETS,
+        LIMoEConfig,
+        dense_counterpart,
+        two_tower_counterpart,
+    )
 
     if not training or "train" not in training:
         return []
@@ -136,7 +141,7 @@ def _upcycle_command(init: dict[str, Any] | None) -> list[str]:
             f"--moe-every {every} --out {shlex.quote(init['checkpoint'])}"]
 
 
-def _routing_over_training(training: dict[str, Any] | None) -> list[str]:
+def routing_over_training(training: dict[str, Any] | None) -> list[str]:
     """The run's routing at a few logged steps: how far the experts' use moved apart."""
     from limoe.train.routing_log import history_table
 
@@ -148,7 +153,7 @@ def _routing_over_training(training: dict[str, Any] | None) -> list[str]:
             "(exp of the entropy of the expert-use split; the expert count when use is even) / the busiest expert's "
             "share of the token choices (at most 1/K with top-K routing). In an upcycled model every expert starts "
             "as the same MLP: the split moving away from the router's first one is the experts diverging. Every "
-            "expert's share at each of these steps: `training.routing_history` in manifest.json.", ""
+            "expert's share at each of these steps is in manifest.json (`routing_history`).", ""
             ] + history_table(history)
 
 
@@ -243,7 +248,7 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
     lines += _reproduce(manifest, training)
     lines += ["", "## Evaluation", ""] + _evaluation(manifest.get("evaluation") or {})
     lines += _plots(manifest.get("roles", {}))
-    lines += _routing_over_training(training)
+    lines += routing_over_training(training)
     sources = list((training or {}).get("sources") or {})
     lines += ["", attribution_markdown(sources).strip() if sources else
               "## Training data licences\n\nNo training data: the weights are as initialised.",

@@ -36,16 +36,32 @@ from limoe.export.exporter import (
     export_onnx,
     finish_entry,
     share_weights,
+    training_record,
 )
+from limoe.export.model_card import routing_over_training
 from limoe.export.quantize import DESCRIPTIONS, batches
 from limoe.export.quantize import quantize as quantize_graph
-from limoe.model.clip import CLIP, CLIPConfig, architecture, infer_config, load_openclip_state_dict, unwrap_state_dict
+from limoe.model.clip import (
+    CLIP,
+    CLIPConfig,
+    architecture,
+    infer_config,
+    load_openclip_state_dict,
+    unwrap_state_dict,
+)
 from limoe.runtime.clip_tokenizer import openclip_tokenizer
-from limoe.runtime.model_store import FORMAT, Manifest, ModelStore, MoEInfo, check_identifier, file_record, verify
+from limoe.runtime.model_store import (
+    FORMAT,
+    Manifest,
+    ModelStore,
+    MoEInfo,
+    check_identifier,
+    file_record,
+    verify,
+)
 from limoe.runtime.onnx_encoder import OnnxGraph
 from limoe.runtime.preprocess import PreprocessConfig
 from limoe.runtime.templates import DEFAULT_TEMPLATES
-from limoe.train.routing_log import history_table, read_log, routing_history
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -151,7 +167,11 @@ def load_clip(arch: str | None, checkpoint: str | Path) -> tuple[CLIP, str | Non
     """(model, architecture name, source record) of an OpenCLIP checkpoint (`arch` required: the
     tensors cannot tell QuickGELU from GELU) or of this project's CLIP checkpoint (dense or sparse,
     e.g. `limoe upcycle`'s; the architecture is the one recorded)."""
-    from limoe.model.checkpoint import CLIP_FORMAT, checkpoint_format, load_clip_checkpoint
+    from limoe.model.checkpoint import (
+        CLIP_FORMAT,
+        checkpoint_format,
+        load_clip_checkpoint,
+    )
 
     if checkpoint_format(checkpoint) == CLIP_FORMAT:
         model, extra = load_clip_checkpoint(checkpoint)
@@ -160,10 +180,7 @@ def load_clip(arch: str | None, checkpoint: str | Path) -> tuple[CLIP, str | Non
             raise CheckpointError(f"{checkpoint} was made from a {source['arch']}, not a {arch}")
         record: dict[str, Any] = {"format": CLIP_FORMAT, **({"upcycled_from": source} if source else {})}
         if "train" in extra:  # `limoe train --init` went on from there
-            record["training"] = {k: extra[k] for k in ("step", "train", "data", "sources", "init") if k in extra}
-            log = Path(checkpoint).with_name("log.jsonl")
-            if log.exists() and model.cfg.moe_layers != "none":
-                record["training"]["routing_history"] = routing_history(read_log(log))
+            record["training"] = training_record(checkpoint, extra, model.cfg.moe_layers != "none")
         return model, arch or source.get("arch"), record
     if arch is None:
         raise CheckpointError("--arch is required for an OpenCLIP checkpoint: open_clip's architecture name (e.g. "
@@ -353,11 +370,7 @@ def clip_model_card(manifest: dict[str, Any]) -> str:
     if trained:
         lines += [f"Trained on after upcycling: {trained.get('step')} steps of batch {t.get('batch_size')} on "
                   f"`{trained.get('data')}` with the contrastive loss and LIMoE's entropy losses.", ""]
-        if trained.get("routing_history"):
-            lines += ["## Routing over training", "",
-                      "Per MoE layer and modality: effective experts (exp of the expert-use entropy) / the busiest "
-                      "expert's share of the token choices, at a few logged steps: the copies diverging.", "",
-                      *history_table(trained["routing_history"]), ""]
+        lines += routing_over_training(trained)
     elif up:
         lines += ["The experts start as copies, so before any training this entry computes what the dense model "
                   "does (up to float rounding).", ""]
