@@ -21,13 +21,17 @@ Parts, each printing what it measured:
    flood's client threads; the server's CPU during the flood is split into its event loop and
    the other threads (forward passes, decoding). Unless --quick, the same is measured again
    on a server without the passes' fair share (LIMOE_PASS_SHARE=false, LIMOE_PASS_NICE=0), the
-   baseline, in the same run.
+   baseline, in the same run, and once more with each model in a server process of its own
+   (process-per-model isolation, sharing nothing but the cores): the reference for how fair one
+   server can be on these cores, printed as one server's p99 beside the flood over the separate
+   servers'.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import multiprocessing
@@ -234,31 +238,42 @@ def probed(base: str, clients: int, model: str, seconds: float) -> list[Answer]:
         return pool.submit(probe, base, clients, model, seconds).result(timeout=seconds + 120)
 
 
-def fairness(store: Path, jobs: Path, probe_clients: int, flood_clients: int, seconds: float, **env) -> dict:
-    with serve(store, jobs, "limoe-small@2,limoe-tiny", **env) as server:
-        server.wait_ready()
-        alone = probed(server.base, probe_clients, "limoe-tiny", seconds)
-        with Load(server.base, flood_clients, model="limoe-small") as flood:
+def fairness(store: Path, jobs: Path, probe_clients: int, flood_clients: int, seconds: float,
+             separate: bool = False, **env) -> dict:
+    """limoe-tiny probed alone, then beside a flood of limoe-small: both models in one server, or
+    (`separate`) each in a server process of its own, the two sharing nothing but the cores."""
+    with contextlib.ExitStack() as stack:
+        if separate:
+            servers = [stack.enter_context(serve(store, jobs, "limoe-tiny", **env)),
+                       stack.enter_context(serve(store, jobs.with_name(jobs.name + "-flood"), "limoe-small@2", **env))]
+        else:
+            servers = [stack.enter_context(serve(store, jobs, "limoe-small@2,limoe-tiny", **env))]
+        for server in servers:
+            server.wait_ready()
+        probe_base, flood_base = servers[0].base, servers[-1].base
+        alone = probed(probe_base, probe_clients, "limoe-tiny", seconds)
+        with Load(flood_base, flood_clients, model="limoe-small") as flood:
             time.sleep(min(2.0, seconds / 3))
-            cpu0, t0 = server.cpu(), time.monotonic()
-            shared = probed(server.base, probe_clients, "limoe-tiny", seconds)
-            cpu1, t1 = server.cpu(), time.monotonic()
+            cpu0, t0 = [s.cpu() for s in servers], time.monotonic()
+            shared = probed(probe_base, probe_clients, "limoe-tiny", seconds)
+            cpu1, t1 = [s.cpu() for s in servers], time.monotonic()
     skip = lambda xs: xs[len(xs) // 10:]  # noqa: E731 (connection set-up)
     a, s = skip(alone), skip(shared)
-    return {"settings": env, "probe_clients": probe_clients, "flood_clients": flood_clients,
+    cores = lambda part: round(sum(c1[part] - c0[part] for c0, c1 in zip(cpu0, cpu1)) / (t1 - t0), 2)  # noqa: E731
+    return {"settings": env, "servers": len(servers), "probe_clients": probe_clients, "flood_clients": flood_clients,
             "tiny_alone_p99_ms": round(p99_ms(a), 1), "tiny_beside_flood_p99_ms": round(p99_ms(s), 1),
             "p99_ratio": round(p99_ms(s) / p99_ms(a), 2),
             "tiny_answers_per_s_alone": round(len(a) / seconds, 1),
             "tiny_answers_per_s_beside_flood": round(len(s) / seconds, 1),
             "flood_answers_per_s": round(len(flood.answers) / (seconds + min(2.0, seconds / 3)), 1),
-            # the server's cores during the flood: its event loop (one thread) and the rest
-            "server_cores_event_loop": round((cpu1["main"] - cpu0["main"]) / (t1 - t0), 2),
-            "server_cores_other": round((cpu1["other"] - cpu0["other"]) / (t1 - t0), 2),
+            # the servers' cores during the flood: their event loops (one thread each) and the rest
+            "server_cores_event_loop": cores("main"), "server_cores_other": cores("other"),
             "non_200": sum(x.status != 200 for x in [*alone, *shared, *flood.answers])}
 
 
-# The fairness part's baseline: each model's encoders run all their passes, at the process's priority.
-BASELINE = {"pass_share": "false", "pass_nice": "0"}
+# The fairness part's baseline: each model's encoders run all their passes, at the process's priority,
+# and each takes any number of requests in flight.
+BASELINE = {"pass_share": "false", "pass_nice": "0", "shared_inflight": "0"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,15 +314,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unload under load: {u['unload_status']}; begun before: {u['before']} (all 200: "
                   f"{u['before_all_200']}); after: {u['after']} (all 404: {u['after_all_404']})")
         if "fairness" in parts:
-            runs = {"fairness": {}} if args.quick else {"fairness_baseline": BASELINE, "fairness": {}}
+            runs = {"fairness": {}} if args.quick else {"fairness_baseline": BASELINE, "fairness": {},
+                                                        "fairness_separate": {"separate": True}}
             for key, env in runs.items():
                 results[key] = f = fairness(base / "store", base / "jobs", 4, max(8, args.clients - 4), part_s, **env)
-                print(f"{key}{' ' + str(env) if env else ''}: limoe-tiny p99 alone {f['tiny_alone_p99_ms']} ms "
+                print(f"{key}{' ' + str(env) if env else ''}: {f['servers']} server(s); limoe-tiny p99 alone {f['tiny_alone_p99_ms']} ms "
                       f"({f['tiny_answers_per_s_alone']}/s), beside {f['flood_clients']} clients flooding limoe-small "
                       f"{f['tiny_beside_flood_p99_ms']} ms ({f['tiny_answers_per_s_beside_flood']}/s): "
                       f"{f['p99_ratio']}x; flood {f['flood_answers_per_s']}/s; server cores during it: event loop "
                       f"{f['server_cores_event_loop']}, other threads {f['server_cores_other']}; "
                       f"non-200 {f['non_200']}")
+            if "fairness_separate" in results:
+                one, two = results["fairness"], results["fairness_separate"]
+                results["fairness_vs_separate"] = ratio = round(one["tiny_beside_flood_p99_ms"]
+                                                               / two["tiny_beside_flood_p99_ms"], 2)
+                print(f"fairness: limoe-tiny p99 beside the flood, one server / a server per model: {ratio}x "
+                      f"({one['tiny_beside_flood_p99_ms']} / {two['tiny_beside_flood_p99_ms']} ms)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

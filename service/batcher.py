@@ -43,7 +43,11 @@ gives them back as soon as they have work, without waiting for its long passes t
 cannot be preempted, but a thread's priority can be lowered). Alone, an encoder runs all its
 passes at its own priority. That priority may also be lowered (`nice`, LIMOE_PASS_NICE), so that
 the event loop and the decoding threads, which every request goes through, get a core before
-the long passes do. Niceness is the pass's own thread's: onnxruntime's intra-op helper threads
+the long passes do. The passes are not all that models share: every request of every model goes
+through the one event loop (parsing, answering) before and after its pass. So while several
+models have requests, each also holds at most LIMOE_SHARED_INFLIGHT of them in flight
+(`RequestShare`); its others wait their turn, undecoded, and cost the event loop nothing until
+then. Alone, a model takes as many as come. Niceness is the pass's own thread's: onnxruntime's intra-op helper threads
 (LIMOE_THREADS > 1, or a single pass on several cores) keep the process's priority.
 """
 
@@ -95,6 +99,67 @@ class PassShare:
     def allowed(self, key: Hashable, kind: str, passes: int) -> int:
         """Passes of `passes` that the encoder `key` runs at its own priority: its share, at least one."""
         return max(1, passes // self.active(key, kind))
+
+
+class RequestShare:
+    """Requests in flight per model, shared fairly while several models have them (see the module
+    doc). A request takes a turn (`turn(key)`) before its images are decoded and gives it back when
+    answered. While another model had a request within `window_s`, a model holds at most `limit`
+    turns and its other requests wait, first come first served, without decoding or queueing; a
+    model alone holds any number. So a flood on one model leaves the event loop, the decoding and
+    the passes free often enough that another model's requests are not served behind all of it.
+    One per server, keyed by model name (a name's versions share one); event loop only."""
+
+    def __init__(self, limit: int, window_s: float = QUIET_S, clock: Callable[[], float] = time.perf_counter):
+        self.limit = limit
+        self.activity = PassShare(window_s, clock)  # who had requests lately (kind "request")
+        self.held: dict[Hashable, int] = {}
+        self._waiting: dict[Hashable, deque[asyncio.Future]] = {}
+
+    def _shared(self, key: Hashable) -> bool:
+        return self.activity.active(key, "request") > 1
+
+    def _may_enter(self, key: Hashable) -> bool:
+        return self.held.get(key, 0) < self.limit or not self._shared(key)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: Hashable):
+        self.activity.touch(key, "request")
+        waiting = self._waiting.setdefault(key, deque())
+        if waiting or not self._may_enter(key):
+            waiter = asyncio.get_running_loop().create_future()
+            waiting.append(waiter)
+            try:
+                await waiter  # `_wake` counted our turn before waking us
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # woken as we were cancelled: give the turn on
+                    self._leave(key)
+                else:
+                    with contextlib.suppress(ValueError):
+                        waiting.remove(waiter)
+                raise
+        else:
+            self.held[key] = self.held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._leave(key)
+
+    def _leave(self, key: Hashable) -> None:
+        self.held[key] -= 1
+        self.activity.touch(key, "request")
+        self._wake(key)
+        for other in self._waiting:  # another model's waiters may enter now that this one is done
+            if other != key:
+                self._wake(other)
+
+    def _wake(self, key: Hashable) -> None:
+        waiting = self._waiting.get(key)
+        while waiting and self._may_enter(key):
+            waiter = waiting.popleft()
+            if not waiter.done():
+                self.held[key] = self.held.get(key, 0) + 1
+                waiter.set_result(None)
 
 
 # The CPU niceness of spare passes: an encoder's passes beyond its fair share (see the module doc).

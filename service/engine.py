@@ -6,6 +6,7 @@ zero-shot scoring. The three HTTP APIs only translate formats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -19,7 +20,7 @@ from limoe.runtime.preprocess import ImageError, ImageTooLargeError, PixelBudget
 from limoe.runtime.routing_counts import expert_counts
 from limoe.runtime.zeroshot import ensemble, fill_templates, zero_shot_scores
 from service.backends import Backend, encoder_passes
-from service.batcher import DynamicBatcher, ItemResult, PassShare, Permit
+from service.batcher import DynamicBatcher, ItemResult, PassShare, Permit, RequestShare
 from service.errors import ImageTooLarge, InvalidImage, NotReady, Overloaded, ServiceError, Unprocessable
 from service.metrics import Metrics, ModelMetrics
 from service.settings import Settings
@@ -104,10 +105,12 @@ class Engine:
     """One model version's serving: its batchers, caches and decoding pools. `metrics`: the
     server's (this version's series are labelled with its name and version) or a ModelMetrics.
     `pixels`: the decoding budget it shares with the server's other models, `share` the forward
-    passes (service/batcher.py PassShare); its own of each by default."""
+    passes (service/batcher.py PassShare); its own of each by default. `requests`: the turns of
+    requests in flight that the server's models share (RequestShare; None: no limit)."""
 
     def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | ModelMetrics,
-                 pixels: PixelBudget | None = None, share: PassShare | None = None):
+                 pixels: PixelBudget | None = None, share: PassShare | None = None,
+                 requests: RequestShare | None = None):
         if isinstance(metrics, Metrics):
             metrics = metrics.for_model(backend.name, backend.version)
         self.backend, self.settings, self.metrics = backend, settings, metrics
@@ -121,6 +124,7 @@ class Engine:
                               on_change=lambda lru: metrics.label_set_cache_bytes.set(lru.used))
         self.pixels = pixels or PixelBudget(settings.max_decode_pixels)
         self.share = share or PassShare()
+        self.requests = requests
         self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="limoe-decode")
         # Batch jobs' images decode here, so that they never queue ahead of interactive ones in `pool`
         self.low_pool = ThreadPoolExecutor(1, thread_name_prefix="limoe-decode-jobs")
@@ -204,6 +208,11 @@ class Engine:
         """NotReady (503) until the model is warm. A draining server still serves."""
         if not self.warm:
             raise NotReady("the model is still loading")
+
+    def turn(self) -> contextlib.AbstractAsyncContextManager:
+        """An interactive request's turn among the server's models (`RequestShare`): waits while
+        this model holds its share of requests in flight and another model has requests too."""
+        return self.requests.turn(self.backend.name) if self.requests else contextlib.nullcontext()
 
     def admit(self, images: int, bulk: bool = False) -> Permit:
         """Places in the image queue for a request's images, taken before they are decoded (like
@@ -373,6 +382,11 @@ class Engine:
         wait for queue room; others queue on `permit`'s places (see `admit`), or get 429 when the
         image queue is full. `explain`: the label prompts' routing too (`prompt_routing`). `low`:
         a batch job's request, whose images go at low priority (`encode_image`)."""
+        async with contextlib.nullcontext() if low else self.turn():
+            return await self._classify(images, labels, templates, bulk, permit, explain, low)
+
+    async def _classify(self, images: Sequence[bytes], labels: Sequence[str], templates: tuple[str, ...],
+                        bulk: bool, permit: Permit | None, explain: bool, low: bool) -> Scores:
         matrix_task = asyncio.ensure_future(self.label_matrix(labels, templates))
         image_tasks = [asyncio.ensure_future(self.encode_image(d, wait=bulk, permit=permit, low=low)) for d in images]
         prompts_task = asyncio.ensure_future(self.prompt_routing(labels, templates)) if explain else None

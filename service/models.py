@@ -43,7 +43,7 @@ from limoe.runtime.model_store import (
 )
 from limoe.runtime.preprocess import PixelBudget
 from service.backends import Backend, load_backend
-from service.batcher import PassShare
+from service.batcher import PassShare, RequestShare
 from service.engine import Engine
 from service.errors import NotFound, NotReady, ServiceError
 from service.metrics import Metrics
@@ -220,6 +220,8 @@ class Models:
         self.pixels = PixelBudget(settings.max_decode_pixels)  # one decoding budget for all models
         # and their forward passes share the cores fairly (None: each model's engine runs all its passes)
         self.share = PassShare() if settings.pass_share else None
+        # and so do their requests in flight (None: no limit)
+        self.requests = RequestShare(settings.shared_inflight) if settings.shared_inflight else None
         self.refs = [ModelRef.parse(r) for r in settings.model_refs]
         self.default = self.refs[0].name
         self.loaded: dict[str, list[Loaded]] = {}  # name -> versions, oldest first
@@ -239,14 +241,14 @@ class Models:
         start-up with its error, as a single model always did."""
         if backends is not None:
             for backend in backends:
-                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share)
+                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share, self.requests)
                 self._adopt(engine, ModelRef(backend.name), 0)
             self.default = backends[0].name
         else:
             for i, ref in enumerate(self.refs):
                 before = memory_in_use()
                 backend = await asyncio.to_thread(self.opener, self.settings, ref)
-                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share)
+                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share, self.requests)
                 loaded = self._adopt(engine, ref, max(0, memory_in_use() - before))
                 if i == 0:
                     self.default = loaded.name  # a directory's manifest names it
@@ -363,7 +365,7 @@ class Models:
                 if backend.name != name:
                     raise self._refuse(name, target, f"the entry's manifest names {backend.name!r}")
                 memory = max(0, memory_in_use() - before)
-                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share)
+                engine = Engine(backend, self.settings, self.metrics, self.pixels, self.share, self.requests)
                 try:
                     await engine.start(self._hot_sizes())
                 except Exception as e:

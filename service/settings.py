@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     pass_nice: int = Field(10, ge=0, le=19, description="CPU niceness of the forward-pass threads (Linux): "
                            "the event loop and image decoding, which every request needs, get a core before "
                            "the long passes do (0 = the process's priority)")
+    shared_inflight: int = Field(8, ge=0, description="while several models have requests, each has at most "
+                                 "this many in flight; its others wait their turn before decoding (0 = no limit)")
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     queue_size: int = Field(256, ge=1, description="items waiting per encoder before 429")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from limoe.runtime.encoders import EncoderOutput
-from service.batcher import DynamicBatcher, PassShare, Room
+from service.batcher import DynamicBatcher, PassShare, RequestShare, Room
 from service.errors import Overloaded
 from service.metrics import Metrics
 
@@ -472,6 +472,57 @@ def test_pass_share_divides_passes_among_the_encoders_of_a_kind_with_recent_work
     share.touch("a", "image")
     now[0] += 0.6  # b and c were last busy 1.1 s ago, a 0.6 s ago
     assert share.allowed("a", "image", 2) == 2 and share.allowed("b", "image", 2) == 1
+
+
+def test_request_share_limits_a_model_in_flight_only_while_another_has_requests():
+    # limit 2. Alone, model a takes 3 turns at once. Once b has a request, a's 4th and 5th wait in
+    # order until a's held turns fall below 2; a cancelled waiter leaves no gap; when b has been
+    # quiet for the window, a's waiters all enter.
+    now = [100.0]
+    share = RequestShare(limit=2, window_s=1.0, clock=lambda: now[0])
+
+    async def main():
+        entered: list[str] = []
+        gates = {n: asyncio.Event() for n in ("a1", "a2", "a3", "a4", "a5", "a6", "b1")}
+
+        async def request(key: str, name: str):
+            async with share.turn(key):
+                entered.append(name)
+                await gates[name].wait()
+
+        async def settle():
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        tasks = {n: asyncio.ensure_future(request("a", n)) for n in ("a1", "a2", "a3")}
+        await settle()
+        assert entered == ["a1", "a2", "a3"] and share.held["a"] == 3  # alone: no limit
+        tasks["b1"] = asyncio.ensure_future(request("b", "b1"))
+        await settle()
+        assert entered[-1] == "b1"  # b holds 1 of its 2
+        for n in ("a4", "a5", "a6"):
+            tasks[n] = asyncio.ensure_future(request("a", n))
+        await settle()
+        assert len(entered) == 4  # a holds 3, over its share of 2: a4, a5, a6 wait
+        tasks["a5"].cancel()
+        gates["a1"].set()
+        await settle()
+        assert len(entered) == 4 and share.held["a"] == 2  # at 2, still its share: none enters
+        gates["a2"].set()
+        await settle()
+        assert entered[-1] == "a4" and share.held["a"] == 2  # first come, first served; a5 went away
+        gates["b1"].set()
+        now[0] += 1.5  # b has been quiet for longer than the window
+        gates["a3"].set()
+        await settle()
+        assert entered[-1] == "a6"  # alone again: the waiter enters
+        for g in gates.values():
+            g.set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert share.held == {"a": 0, "b": 0}
+        return tasks["a5"].cancelled()
+
+    assert asyncio.run(main())
 
 
 class Passes:

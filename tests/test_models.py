@@ -132,6 +132,24 @@ def test_two_models_are_served_side_by_side_through_every_api(server):
     assert "limoe_ready 1.0" in text
 
 
+def test_two_models_flooded_at_once_take_turns_and_answer_everything(store, tmp_path):
+    # LIMOE_SHARED_INFLIGHT=1: while both models have requests, each holds one at a time and the
+    # others wait their turn (service/batcher.py RequestShare). Every request still answers 200,
+    # by the model it named, and no turn is left held.
+    app = create_app(settings(store, tmp_path, shared_inflight=1))
+    with uvicorn_thread(app) as base:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda k: classify(base, ("tiny", "tt")[k % 2]), range(48)))
+            embeds = list(pool.map(lambda k: httpx.post(f"{base}/v1/embed", json={"texts": ["cat"], "model": "tt"},
+                                                         timeout=30), range(8)))
+        assert [r.status_code for r in answers + embeds] == [200] * 56
+        assert [r.json()["model"] for r in answers] == ["tiny", "tt"] * 24
+        models = app.state.models
+        engines = [v.engine for versions in models.loaded.values() for v in versions]
+        assert len(engines) == 2 and all(e.requests is models.requests for e in engines)
+        assert models.requests.limit == 1 and models.requests.held == {"tiny": 0, "tt": 0}
+
+
 def test_unknown_names_and_versions_get_404_naming_what_is_served(server):
     base, _ = server
     for r in (classify(base, "nope"), httpx.post(f"{base}/models/nope", json={"inputs": png(), "parameters": {
