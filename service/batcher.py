@@ -148,10 +148,7 @@ class RequestShare:
     def _leave(self, key: Hashable) -> None:
         self.held[key] -= 1
         self.activity.touch(key, "request")
-        self._wake(key)
-        for other in self._waiting:  # another model's waiters may enter now that this one is done
-            if other != key:
-                self._wake(other)
+        self._wake(key)  # a waiter of this model: it holds a turn less, or is alone by now
 
     def _wake(self, key: Hashable) -> None:
         waiting = self._waiting.get(key)
