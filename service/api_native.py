@@ -243,11 +243,9 @@ async def _embed(request: Request, engine: Engine, body: EmbedRequest) -> Respon
 
     async def work(images: list[bytes], permit: Permit) -> tuple[list, list]:
         async with engine.turn():
-            return await encode(images, permit)
-
-    async def encode(images: list[bytes], permit: Permit) -> tuple[list, list]:
-        img = await asyncio.gather(*(engine.encode_image(d, permit=permit) for d in images), return_exceptions=True)
-        txt = await engine.encode_texts(body.texts) if body.texts else []
+            img = await asyncio.gather(*(engine.encode_image(d, permit=permit) for d in images),
+                                       return_exceptions=True)
+            txt = await engine.encode_texts(body.texts) if body.texts else []
         return img, txt
 
     with engine.admit(len(body.images)) if body.images else Permit() as permit:  # 429 here, before any decoding

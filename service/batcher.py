@@ -47,8 +47,9 @@ the long passes do. The passes are not all that models share: every request of e
 through the one event loop (parsing, answering) before and after its pass. So while several
 models have requests, each also holds at most LIMOE_SHARED_INFLIGHT of them in flight
 (`RequestShare`); its others wait their turn, undecoded, and cost the event loop nothing until
-then. Alone, a model takes as many as come. Niceness is the pass's own thread's: onnxruntime's intra-op helper threads
-(LIMOE_THREADS > 1, or a single pass on several cores) keep the process's priority.
+then. Alone, a model takes as many as come. Niceness is the pass's own thread's: onnxruntime's
+intra-op helper threads (LIMOE_THREADS > 1, or a single pass on several cores) keep the process's
+priority.
 """
 
 from __future__ import annotations
