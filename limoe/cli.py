@@ -234,7 +234,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from limoe.runtime.preprocess import PreprocessConfig
     from limoe.runtime.tokenizer import Tokenizer
     from limoe.train.dataset import MixDataset
-    from limoe.train.trainer import TrainConfig, train, training_texts
+    from limoe.train.trainer import TrainConfig, finish_distributed, train, training_texts
 
     if args.init and (args.dense or args.arch != "one_tower"):  # fine-tuning: the checkpoint's architecture
         print("error: --init takes the checkpoint's architecture; drop --dense and --arch", file=sys.stderr)
@@ -297,12 +297,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         meta["init"] = {"checkpoint": str(args.init),
                         **{k: start[k] for k in ("step", "data", "recovered_from", "upcycled_from") if k in start}}
     train(cfg, tc, data, tokenizer, out, stop_at=args.stop_at, meta=meta, init=args.init)
+    print(f"checkpoint: {out / 'model.safetensors'}; log: {out / 'log.jsonl'}")
     import torch.distributed as dist
 
-    if dist.is_initialized():  # under torchrun: every rank leaves together
-        dist.barrier()
-        dist.destroy_process_group()
-    print(f"checkpoint: {out / 'model.safetensors'}; log: {out / 'log.jsonl'}")
+    if dist.is_initialized():  # under torchrun: every rank leaves together, and ends here
+        finish_distributed(0)
     return 0
 
 
