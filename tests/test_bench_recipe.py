@@ -73,3 +73,40 @@ def test_throughput_bench_prints_every_variant_and_the_breakdown(tmp_path):
     assert all(v > 0 for v in report["pairs_per_s"].values())
     assert {"image tower forward", "text tower backward", "optimizer (clip, AdamW)"} <= set(report["breakdown_ms"])
     assert "ratio mask 0.5/baseline image-side pairs/s:" in out.stdout
+
+
+def _verdict_like(path, steps, weight, per_seed):
+    """A limoe_vs_dense.py JSON holding only the LIMoE variant: seed -> (unseen-names 10-way, other set's)."""
+    sets = ["iconsets/test (unseen icon names)", "scenes/held-out colour-shape pairs"]
+    runs = [{"seed": seed, "mean_top1": (a + b) / 4, "mean_10way": (a + b) / 2, "train_seconds": 1.0,
+             "train_loss": 3.0 - weight, "sets": {sets[0]: {"top1_of_10": a}, sets[1]: {"top1_of_10": b}}}
+            for seed, (a, b) in per_seed.items()]
+    recipe = {"teacher": "all-MiniLM-L6-v2", "teacher_weight": weight} if weight else {}
+    path.write_text(json.dumps({"steps": steps, "batch_size": 8, "eval_sets": sets, "recipe": recipe,
+                                "variants": {"LIMoE (entropy losses)": {"runs": runs}}}))
+    return path
+
+
+def test_teacher_weight_report_scores_shared_seeds_by_hand(tmp_path):
+    spec = importlib.util.spec_from_file_location("teacher_weight", ROOT / "bench" / "teacher_weight.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    # Weight 0 has seeds 0-2, weight 1 seeds 0-1: only seeds 0 and 1 count, so seed 2's 0.9 is left out.
+    verdict = _verdict_like(tmp_path / "v.json", 100, 0, {0: (0.1, 0.5), 1: (0.3, 0.5), 2: (0.9, 0.9)})
+    one = _verdict_like(tmp_path / "w1.json", 100, 1.0, {0: (0.4, 0.1), 1: (0.4, 0.4)})
+    out = tmp_path / "tw.json"
+    assert report.main([str(one), "--verdict", str(verdict), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["seeds"] == [0, 1]
+    w0, w1 = got["weights"]["0"], got["weights"]["1"]
+    # Weight 0: unseen names (0.1 + 0.3) / 2 = 0.2, mean 10-way (0.3 + 0.4) / 2 = 0.35 ± 0.0707.
+    assert w0["sets_10way"]["iconsets/test (unseen icon names)"] == pytest.approx(0.2)
+    assert w0["mean_10way"] == pytest.approx(0.35) and w0["std_10way"] == pytest.approx(0.05 * 2 ** 0.5)
+    # Weight 1: unseen names 0.4 (best), but mean 10-way (0.25 + 0.4) / 2 = 0.325 (below weight 0's).
+    assert w1["sets_10way"]["iconsets/test (unseen icon names)"] == pytest.approx(0.4)
+    assert w1["mean_10way"] == pytest.approx(0.325)
+    assert got["best_weight_unseen_names"] == 1.0 and got["best_weight_mean_10way"] == 0.0
+    # A run at another budget is refused, not mixed in.
+    other = _verdict_like(tmp_path / "w3.json", 50, 3.0, {0: (0.5, 0.5)})
+    with pytest.raises(SystemExit, match="not a teacher run"):
+        report.main([str(other), "--verdict", str(verdict)])

@@ -67,7 +67,7 @@ class TrainConfig:
     # The text teacher (limoe.train.teacher): "" is off, else a TEACHERS name. Its loss weight, and
     # where its embeddings are cached ("" = $LIMOE_TEACHER_CACHE or ~/.cache/limoe/teacher).
     teacher: str = ""
-    teacher_weight: float = 1.0
+    teacher_weight: float = 30.0  # the sweep's best mean 10-way at the verdict's budget (docs/RESULTS.md)
     teacher_cache: str = ""
 
 
