@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-LIMOE = "LIMoE (entropy losses)"
+from limoe_vs_dense import LIMOE, summarize as over_seeds
+
 UNSEEN_NAMES = "iconsets/test (unseen icon names)"
 
 
@@ -28,17 +29,11 @@ def limoe_runs(result: dict) -> dict[int, dict]:
 
 
 def summarize(runs: list[dict], sets: list[str]) -> dict:
-    """Per-set 10-way and the pooled means over these seeds' runs."""
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-    m10, s10 = mean_std([r["mean_10way"] for r in runs])
-    m1, s1 = mean_std([r["mean_top1"] for r in runs])
+    """Per-set 10-way and the pooled means over these seeds' runs (limoe_vs_dense.py's summary)."""
+    pooled = {k: v for k, v in over_seeds(runs).items() if k != "runs"}
     return {"seeds": [r["seed"] for r in runs],
             "sets_10way": {s: statistics.fmean(r["sets"][s]["top1_of_10"] for r in runs) for s in sets},
-            "mean_top1": m1, "std_top1": s1, "mean_10way": m10, "std_10way": s10,
-            "train_seconds": [r["train_seconds"] for r in runs],
-            "train_loss": statistics.fmean(r["train_loss"] for r in runs)}
+            **pooled, "train_seconds": [r["train_seconds"] for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{100 * table[w]['sets_10way'][s]:.1f}%" for w in weights]
         print(f"| {s} | " + " | ".join(cells) + " |")
     print("| mean top-1 / 10-way | " + " | ".join(
-        f"{100 * t['mean_top1']:.1f}% / {100 * t['mean_10way']:.1f}% ± {100 * t['std_10way']:.1f}"
+        f"{100 * t['mean_top1']:.1f}% / {100 * t['mean_10way']:.1f}% ± {100 * (t['std_10way'] or 0.0):.1f}"
         for t in table.values()) + " |")
-    print("| final contrastive loss | " + " | ".join(f"{t['train_loss']:.3f}" for t in table.values()) + " |")
+    print("| final contrastive loss | " + " | ".join(f"{t['mean_train_loss']:.3f}" for t in table.values()) + " |")
     best = max(weights, key=lambda w: table[w]["sets_10way"][UNSEEN_NAMES])
     names = ", ".join(f"{w:g}: {100 * table[w]['sets_10way'][UNSEEN_NAMES]:.1f}%" for w in weights)
     overall = max(weights, key=lambda w: table[w]["mean_10way"])
