@@ -6,7 +6,8 @@ score against training minutes from the weights `limoe train --keep-every` kept.
 RUN holds the run's log.jsonl and eval.json (`limoe eval RUN/model.safetensors --template '{}'
 --limit 2000`); DIR holds `limoe eval RUN/steps/model-N.safetensors --limit 500 --out DIR/N.json`
 for every kept step N. Minutes are the steps' own wall time from the log (2 cores); it prints
-the table docs/RESULTS.md shows and says whether the candidate beats /1 on every set.
+the table docs/RESULTS.md shows and says whether the candidate beats /1 on every set. With
+--entry (the candidate exported to the store), the curve joins that entry's manifest and card.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve", required=True)
     ap.add_argument("--batch-size", type=int, default=128, help="the run's batch (its log has pairs/s)")
     ap.add_argument("--json")
+    ap.add_argument("--entry", help="a store entry exported from RUN: record the curve in its manifest and card")
     args = ap.parse_args(argv)
     run = Path(args.run)
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     print("beats limoe-small/1 on every set:", out["beats_v1_everywhere"])
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.entry:
+        from limoe.eval.evaluate import rewrite_entry
+
+        rewrite_entry(args.entry, lambda manifest: manifest.setdefault("training", {}).update(score_curve=curve))
     return 0
 
 

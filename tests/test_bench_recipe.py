@@ -110,3 +110,43 @@ def test_teacher_weight_report_scores_shared_seeds_by_hand(tmp_path):
     other = _verdict_like(tmp_path / "w3.json", 50, 3.0, {0: (0.5, 0.5)})
     with pytest.raises(SystemExit, match="not a teacher run"):
         report.main([str(other), "--verdict", str(verdict)])
+
+
+def test_small2_report_by_hand_and_its_curve_in_an_entry(tmp_path):
+    import shutil
+
+    from limoe.runtime.model_store import read_manifest, verify
+
+    spec = importlib.util.spec_from_file_location("small2_report", ROOT / "bench" / "small2_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    sets = ("a", "b")
+
+    def ev(a, b):
+        return {"zero_shot": {"a": {"top1_of_10": a}, "b": {"top1_of_10": b}}}
+
+    run, curve = tmp_path / "run", tmp_path / "curve"
+    run.mkdir(), curve.mkdir()
+    # 4 steps of batch 60: at 2, 2, 1 and 1 pairs/s they take 0.5, 0.5, 1 and 1 minutes.
+    (run / "log.jsonl").write_text("".join(json.dumps({"examples_per_s": r}) + "\n" for r in (2, 2, 1, 1)))
+    (run / "eval.json").write_text(json.dumps(ev(0.6, 0.3)))
+    (tmp_path / "v1.json").write_text(json.dumps(ev(0.5, 0.4)))
+    (curve / "2.json").write_text(json.dumps(ev(0.2, 0.4)))
+    (curve / "4.json").write_text(json.dumps(ev(0.5, 0.3)))
+    entry = tmp_path / "store" / "limoe-tiny" / "1"
+    shutil.copytree(ROOT / "model_store" / "limoe-tiny" / "1", entry)
+    out = tmp_path / "r.json"
+    assert report.main([str(run), "--v1-eval", str(tmp_path / "v1.json"), "--curve", str(curve), "--batch-size",
+                        "60", "--json", str(out), "--entry", str(entry)]) == 0
+    got = json.loads(out.read_text())
+    assert got["step_minutes"] == 3.0 and got["median_pairs_per_s"] == 1.5
+    assert [t["better"] for t in got["sets"]] == [True, False] and not got["beats_v1_everywhere"]
+    assert got["v1_mean_10way"] == pytest.approx(0.45) and got["v2_mean_10way"] == pytest.approx(0.45)
+    assert [(c["step"], c["step_minutes"]) for c in got["curve"]] == [(2, 1.0), (4, 3.0)]
+    assert [c["mean_10way"] for c in got["curve"]] == pytest.approx([0.3, 0.4])
+    # The curve joins the entry's manifest and card, and the entry still verifies (the card's checksum redone).
+    assert read_manifest(entry).data["training"]["score_curve"] == got["curve"]
+    verify(entry)
+    card = (entry / "MODEL_CARD.md").read_text()
+    assert "## Score against training minutes" in card and f"({', '.join(sets)})" in card
+    assert "| 2 | 1.0 | 30.0% |" in card and "| 4 | 3.0 | 40.0% |" in card

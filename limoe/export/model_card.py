@@ -157,6 +157,20 @@ def routing_over_training(training: dict[str, Any] | None) -> list[str]:
             ] + history_table(history)
 
 
+def score_over_training(training: dict[str, Any] | None) -> list[str]:
+    """The kept weights' mean 10-way against the run's minutes of steps (bench/small2_report.py --entry)."""
+    curve = (training or {}).get("score_curve")
+    if not curve:
+        return []
+    sets = sorted(curve[-1].get("sets", {}))
+    return ["", "## Score against training minutes", "",
+            "Mean 10-way top-1 over the held-out sets" + (f" ({', '.join(sets)})" if sets else "")
+            + " of the weights the run kept along the way, evaluated dropless, against the run's own minutes of "
+            "steps on the machine that trained it:", ""
+            ] + _table(["step", "minutes of steps", "mean 10-way top-1"],
+                       [[str(c["step"]), f"{c['step_minutes']:.1f}", f"{c['mean_10way']:.1%}"] for c in curve])
+
+
 def _weak_spots(ev: dict[str, Any]) -> list[str]:
     """Evaluation sets where top-1 is under twice chance: say so plainly."""
     out = []
@@ -249,6 +263,7 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
     lines += ["", "## Evaluation", ""] + _evaluation(manifest.get("evaluation") or {})
     lines += _plots(manifest.get("roles", {}))
     lines += routing_over_training(training)
+    lines += score_over_training(training)
     sources = list((training or {}).get("sources") or {})
     lines += ["", attribution_markdown(sources).strip() if sources else
               "## Training data licences\n\nNo training data: the weights are as initialised.",
