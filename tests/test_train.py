@@ -129,11 +129,16 @@ def test_training_learns_logs_and_resumes_exactly(tmp_path):
 
     # Stop at step 20 (a checkpoint), resume to 40: the same weights as the uninterrupted run.
     train(cfg, tc, data, tok, tmp_path / "split", progress=False, stop_at=20)
-    assert len((tmp_path / "split" / "log.jsonl").read_text().splitlines()) == 20
+    split_log = tmp_path / "split" / "log.jsonl"
+    assert len(split_log.read_text().splitlines()) == 20
+    # A run killed at step 23 had logged 21-23 past its checkpoint: resuming runs them again, logged once.
+    row = json.loads(split_log.read_text().splitlines()[-1])
+    with open(split_log, "a") as f:
+        f.writelines(json.dumps({**row, "step": s}) + "\n" for s in (21, 22, 23))
     resumed = train(cfg, tc, data, tok, tmp_path / "split", progress=False)
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
-    assert (tmp_path / "split" / "log.jsonl").read_text() .count("\n") == 40
+    assert [json.loads(line)["step"] for line in split_log.read_text().splitlines()] == list(range(1, 41))
     saved, extra = load_checkpoint(tmp_path / "split" / "model.safetensors")
     assert extra["step"] == 40 and read_tokenizer(tmp_path / "split" / "model.safetensors") is not None
 

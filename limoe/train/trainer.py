@@ -300,6 +300,19 @@ def _save(out: Path, model: LIMoE, tokenizer: Tokenizer, opt, step: int, train_c
     tmp.replace(out / "train_state.pt")
 
 
+def forget_steps_after(log_path: Path, step: int) -> None:
+    """Drop the log lines of steps after `step`: a run stopped past its last checkpoint logged steps
+    that resuming from that checkpoint runs again, so each step keeps one line, in order."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(log_path)
+
+
 def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: Tokenizer, out: str | Path,
           resume: bool = True, progress: bool = True, stop_at: int | None = None,
           meta: dict | None = None, init: str | Path | None = None) -> LIMoE:
@@ -362,6 +375,8 @@ def train(model_cfg: LIMoEConfig, train_cfg: TrainConfig, dataset, tokenizer: To
         from tqdm import tqdm
 
         bar = tqdm(total=train_cfg.steps, initial=start, desc="train", unit="step")
+    if rank == 0:
+        forget_steps_after(out / "log.jsonl", start)  # a resumed run replays what came after its checkpoint
     log = open(out / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
     try:
         end = train_cfg.steps if stop_at is None else min(stop_at, train_cfg.steps)
