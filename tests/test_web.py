@@ -176,7 +176,7 @@ def test_upload_shows_sorted_scores_and_one_routing_layer_per_moe_layer(servers,
     v = visit(base)
     page = v.page
     model = httpx.get(base + "/v1/models").json()["models"][0]
-    page.wait_for_selector("#model-info dd:has-text('limoe-small v1')")
+    page.wait_for_selector(f"#model-info dd:has-text('limoe-small v{model['version']}')")
     info = page.inner_text("#model-info")
     assert model["backend"] in info and model["device"] in info
     assert page.is_hidden("#auth")  # no keys on this server: no key field
@@ -241,7 +241,8 @@ def test_the_model_picker_classifies_with_the_chosen_model(servers, visit):
     base = servers["open"]
     v = visit(base)
     page = v.page
-    page.wait_for_selector("#model-info dd:has-text('limoe-small v1')")
+    version = httpx.get(base + "/v1/models").json()["models"][0]["version"]  # the store's newest
+    page.wait_for_selector(f"#model-info dd:has-text('limoe-small v{version}')")
     assert page.is_visible("#model-picker-field")
     options = page.eval_on_selector_all("#model-picker option", "os => os.map(o => [o.value, o.textContent])")
     assert options == [["limoe-small", "limoe-small (default)"], ["limoe-tiny", "limoe-tiny"]]
