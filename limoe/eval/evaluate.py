@@ -201,31 +201,13 @@ def write_results(results: dict, path: str | Path) -> None:
 PLOT_FILES = {"plot_expert_usage": "expert_usage.png", "plot_routing_maps": "routing_maps.png"}
 
 
-def rewrite_entry(target: str | Path, change) -> None:
-    """Apply `change(manifest)` to a store entry's manifest, then re-render its card (which shows the
-    manifest) and the card's checksum, and replace the manifest atomically."""
-    from limoe.export.model_card import render_model_card
-    from limoe.runtime.model_store import MANIFEST, file_record, read_manifest
-
-    target = Path(target)
-    manifest = read_manifest(target).data
-    change(manifest)
-    card = manifest["roles"].get("model_card")
-    if card:
-        (target / card).write_text(render_model_card(manifest, manifest.get("training"), manifest.get("stats")),
-                                   encoding="utf-8")
-        manifest["files"][card] = file_record(target / card)
-    tmp = target / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(target / MANIFEST)
-
-
 def record_evaluation(target: str | Path, results: dict) -> None:
     """Keep the results with the model: in a store entry's manifest ("evaluation"), or in a
     checkpoint's metadata (extra["eval"]), from where `limoe export` copies them. An entry's
     routing plots (PLOT_FILES, written next to the manifest) join its checked files and its card."""
     target = Path(target)
     if target.is_dir():
+        from limoe.export.model_card import rewrite_entry
         from limoe.runtime.model_store import file_record
 
         def change(manifest: dict) -> None:

@@ -4,7 +4,9 @@ results and the data sources' licences. Torch-free."""
 
 from __future__ import annotations
 
+import json
 import shlex
+from pathlib import Path
 from typing import Any
 
 from limoe.runtime.templates import DEFAULT_TEMPLATES
@@ -282,3 +284,21 @@ def render_model_card(manifest: dict[str, Any], training: dict[str, Any] | None 
               "on the other images in its batch (int8 graphs included)." if moe["layers"] else
               "- An image's result never depends on the other images in its batch (int8 graphs included)."]
     return "\n".join(lines) + "\n"
+
+
+def rewrite_entry(target: str | Path, change) -> None:
+    """Apply `change(manifest)` to a store entry's manifest, then re-render its card (which shows the
+    manifest) and the card's checksum, and replace the manifest atomically."""
+    from limoe.runtime.model_store import MANIFEST, file_record, read_manifest
+
+    target = Path(target)
+    manifest = read_manifest(target).data
+    change(manifest)
+    card = manifest["roles"].get("model_card")
+    if card:
+        (target / card).write_text(render_model_card(manifest, manifest.get("training"), manifest.get("stats")),
+                                   encoding="utf-8")
+        manifest["files"][card] = file_record(target / card)
+    tmp = target / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(target / MANIFEST)
