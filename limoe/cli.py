@@ -122,6 +122,19 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_average(args: argparse.Namespace) -> int:
+    from limoe.model.checkpoint import average_checkpoints, read_metadata
+
+    try:
+        path = average_checkpoints(args.checkpoints, args.out)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    steps = read_metadata(path)[1]["averaged"]["steps"]
+    print(f"wrote {path}: the mean of {len(args.checkpoints)} checkpoints' weights (steps {steps})")
+    return 0
+
+
 def _cmd_upcycle(args: argparse.Namespace) -> int:
     from limoe.model.checkpoint import (
         CLIP_FORMAT,
@@ -505,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--inference-routing", choices=["dropless", "capacity"],
                          help="the checkpoint's inference routing (default: the entry's)")
     recover.set_defaults(func=_cmd_recover)
+
+    avg = sub.add_parser("average", help="the mean of the weights of one run's last checkpoints (latest weight "
+                                         "averaging), e.g. its steps/ files from --keep-every and model.safetensors")
+    avg.add_argument("checkpoints", nargs="+", help="LIMoE checkpoints of one model (same config and tokenizer)")
+    avg.add_argument("--out", required=True, help="the averaged checkpoint (.safetensors)")
+    avg.set_defaults(func=_cmd_average)
 
     train = sub.add_parser("train", help="contrastive training (single process, or under torchrun for DDP)")
     train.add_argument("--preset", default="small")

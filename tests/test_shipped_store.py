@@ -48,6 +48,8 @@ def test_every_shipped_graph_gives_an_item_the_same_answer_in_any_batch():
 
 
 def test_shipped_models_stay_small():
-    """Everything committed under model_store/ (the issue's budget: under 25 MB)."""
+    """Everything committed under model_store/. The first budget was 25 MB for one small model and
+    the tiny one; issue 25 keeps the previous default loadable by name beside the new one, so
+    two int8 `limoe-small` versions (16 MB each) and `limoe-tiny` must fit: under 40 MB."""
     total = sum(f.stat().st_size for f in STORE.rglob("*") if f.is_file())
-    assert total < 25e6, f"model_store/ holds {total / 1e6:.1f} MB"
+    assert total < 40e6, f"model_store/ holds {total / 1e6:.1f} MB"

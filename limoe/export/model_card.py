@@ -96,19 +96,27 @@ def _reproduce(manifest: dict[str, Any], training: dict[str, Any] | None) -> lis
     recipe_flags = ("template_prob", "unmasked_steps") + (("teacher", "teacher_weight") if t.get("teacher") else ())
     recipe = "".join(f" --{k.replace('_', '-')} {t[k]}" for k in recipe_flags if t.get(k))
     recipe += " --multi-positive" if t.get("multi_positive") else ""
+    averaged = training.get("averaged")  # the weights are the mean of the run's last kept checkpoints
+    recipe += f" --keep-every {t.get('keep_every')}" if averaged else ""
     train = (f"limoe train {start} --data {training.get('data', 'MIX')} --out run "
              f"--steps {t.get('steps')} --batch-size {t.get('batch_size')} --lr {t.get('lr')} "
              f"--warmup {t.get('warmup_steps')} --seed {t.get('seed')}{recipe}")
+    weights = "run/averaged.safetensors" if averaged else "run/model.safetensors"
+    average = ["limoe average " + " ".join(f"run/{'' if n == 'model.safetensors' else 'steps/'}{n}"
+                                          for n in averaged["checkpoints"]) + f" --out {weights}"] if averaged else []
     templates = manifest.get("templates") or list(DEFAULT_TEMPLATES)
     flags = "" if tuple(templates) == tuple(DEFAULT_TEMPLATES) else "".join(f" --template {shlex.quote(t)}"
                                                                              for t in templates)
     lines = ["", "Reproduce (same data, seed and batches; floating-point results vary slightly across machines):", "",
-             "```bash", "limoe data prepare", *_upcycle_command(init), train,
-             f"limoe eval run/model.safetensors{flags}  # dropless and capacity 1.0 side by side, kept for the card",
-             f"limoe export run/model.safetensors --name {manifest['name']} --formats {','.join(formats)}"
+             "```bash", "limoe data prepare", *_upcycle_command(init), train, *average,
+             f"limoe eval {weights}{flags}  # dropless and capacity 1.0 side by side, kept for the card",
+             f"limoe export {weights} --name {manifest['name']} --formats {','.join(formats)}"
              + (f" --calibration-data {training['data']}" if "int8" in formats and training.get("data") else "")
              + flags,
              f"limoe eval model_store/{manifest['name']}/{manifest['version']}", "```"]
+    if averaged:
+        lines[1:1] = [f"The weights are the mean of the run's checkpoints at steps {averaged['steps']} "
+                      "(latest weight averaging, `limoe average`).", ""]
     recovered = (manifest.get("source_checkpoint") or {}).get("recovered_from")
     if recovered:  # the shipped weights are an earlier entry's graphs', not the run's checkpoint
         lines += ["", f"The training run's fp32 checkpoint was not kept: this entry's weights are "

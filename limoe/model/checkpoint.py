@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -116,3 +116,59 @@ def load_any_checkpoint(path: str | Path, device: str | torch.device = "cpu") ->
     if checkpoint_format(path) == CLIP_FORMAT:
         return load_clip_checkpoint(path, device)
     return load_checkpoint(path, device)
+
+
+# -- averaging: the latest weights of one run (LAWA) --------------------------------------------
+def average_state_dicts(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of K state dicts with the same keys and shapes: each floating tensor
+    is summed in float64 and divided by K, then cast back to its dtype; any other tensor (an
+    integer buffer) must be equal in all K and is kept."""
+    if not states:
+        raise ValueError("nothing to average")
+    keys = list(states[0])
+    for i, state in enumerate(states[1:], 1):
+        if set(state) != set(keys):
+            raise ValueError(f"checkpoint {i} holds other tensors than checkpoint 0: "
+                             f"{sorted(set(state) ^ set(keys))[:5]}")
+    out = {}
+    for k in keys:
+        first = states[0][k]
+        if any(s[k].shape != first.shape for s in states):
+            raise ValueError(f"{k}: shapes differ ({[tuple(s[k].shape) for s in states]})")
+        if first.is_floating_point():
+            out[k] = (sum(s[k].double() for s in states) / len(states)).to(first.dtype)
+        elif all(torch.equal(s[k], first) for s in states):
+            out[k] = first.clone()
+        else:
+            raise ValueError(f"{k}: a non-float tensor that differs between checkpoints cannot be averaged")
+    return out
+
+
+def average_checkpoints(paths: Sequence[str | Path], out: str | Path) -> Path:
+    """Write the mean of the weights of `paths`, LIMoE checkpoints of one model (the same config
+    and tokenizer; typically one run's last kept steps, `limoe train --keep-every`): latest weight
+    averaging (LAWA; Kaddour, 2022), a cheap stand-in for the weight EMA of longer recipes. The
+    result's `extra` is the last checkpoint's (its own evaluation dropped), plus `averaged`: the
+    files and their steps."""
+    if len(paths) < 2:
+        raise ValueError("averaging needs at least 2 checkpoints")
+    metas = [_metadata(p) for p in paths]
+    for p, meta in zip(paths[1:], metas[1:]):
+        if json.loads(meta["config"]) != json.loads(metas[0]["config"]):
+            raise ValueError(f"{p}: another config than {paths[0]}; only checkpoints of one model average")
+        if meta.get("tokenizer") != metas[0].get("tokenizer"):
+            raise ValueError(f"{p}: another tokenizer than {paths[0]}")
+    states = []
+    for p in paths:
+        with safe_open(str(p), framework="pt") as f:
+            states.append({k: f.get_tensor(k) for k in f.keys()})
+    extras = [json.loads(m.get("extra", "{}")) for m in metas]
+    extra = {k: v for k, v in extras[-1].items() if k != "eval"}
+    extra["averaged"] = {"checkpoints": [Path(p).name for p in paths], "steps": [e.get("step") for e in extras]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {**metas[-1], "extra": json.dumps(extra)}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    save_file(average_state_dicts(states), str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return out
