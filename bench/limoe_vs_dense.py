@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unmasked-steps", type=int, default=0,
                    help="with --set image_mask_ratio=R: the last N steps see every patch (as limoe train)")
     p.add_argument("--teacher", default="", help="text teacher for every variant, e.g. all-MiniLM-L6-v2 (as limoe train)")
-    p.add_argument("--teacher-weight", type=float, default=1.0)
+    p.add_argument("--teacher-weight", type=float, default=TrainConfig.teacher_weight,
+                   help=f"the teacher loss weight (default {TrainConfig.teacher_weight:g}, as limoe train)")
     p.add_argument("--out", default="runs/compare", help="run directories: OUT/<variant>/seed<s>")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="results file (default docs/results/limoe_vs_dense.json)")
     p.add_argument("--variants", default=",".join(BY_SLUG),

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-share", type=float, default=0.1, help="warmup steps as a share of each run's steps")
-    p.add_argument("--teacher-weight", type=float, default=1.0)
+    p.add_argument("--teacher-weight", type=float, default=TrainConfig.teacher_weight,
+                   help=f"the teacher loss weight (default {TrainConfig.teacher_weight:g}, as limoe train)")
     p.add_argument("--limit", type=int, default=500, help="images per evaluation set")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--json", default=str(ROOT / "docs" / "results" / "recipe_ablation.json"))

@@ -77,8 +77,9 @@ def test_verdict_says_what_the_numbers_say():
         "verdict: none (needs both")
 
 
-def _run(tmp_path, *extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+def _run(tmp_path, *extra, **env_vars):
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **env_vars, "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "bench/limoe_vs_dense.py", "--preset", "tiny", "--set", "width=48", "--data", "scenes",
          "--cache", str(tmp_path / "cache"), "--seeds", "2", "--steps", "3", "--batch-size", "8", "--warmup", "1",
@@ -150,3 +151,21 @@ def test_comparison_trains_every_variant_and_seed_writes_json_and_resumes(tmp_pa
     # A run directory of other settings is refused, not silently mixed in.
     other = _run(tmp_path, "--lr", "0.01")
     assert other.returncode != 0 and "holds a run with other settings" in other.stderr
+
+
+def test_the_verdict_trains_with_the_teachers_default_weight(tmp_path):
+    """`--teacher` without `--teacher-weight` weighs the teacher as `limoe train` does (a verdict
+    once ran at 1 while the recipe's weight is 30)."""
+    from limoe.data.scenes import prepare_scenes
+    from limoe.model.checkpoint import read_metadata
+    from limoe.train.trainer import TrainConfig
+
+    prepare_scenes(tmp_path / "cache", count=60)
+    out = _run(tmp_path, "--seeds", "1", "--variants", "dense", "--teacher", "all-MiniLM-L6-v2",
+               LIMOE_TEACHER_CACHE=str(tmp_path / "teacher"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "verdict.json").read_text())
+    assert report["recipe"]["teacher"] == "all-MiniLM-L6-v2"
+    assert report["recipe"]["teacher_weight"] == TrainConfig.teacher_weight == 30.0
+    extra = read_metadata(tmp_path / "runs" / "dense" / "seed0" / "model.safetensors")[1]
+    assert (extra["train"]["teacher"], extra["train"]["teacher_weight"]) == ("all-MiniLM-L6-v2", 30.0)
