@@ -145,3 +145,15 @@ def test_the_model_card_names_the_recipe_and_reproduces_it():
     assert "--unmasked-steps 10 --teacher all-MiniLM-L6-v2 --teacher-weight 0.5" in card
     assert "masked patches (FLIP): 50%" in card and "contrastive loss `sigmoid`" in card
     assert "text teacher (training only" in card and "weights licence Apache-2.0" in card
+
+
+def test_the_export_keeps_the_teacher_and_the_averaging_for_the_card(tmp_path):
+    """What `limoe export` records of the run: the teacher (its licence goes in the card) and the
+    averaging, not the checkpoint's own evaluation."""
+    from limoe.export.exporter import training_record
+
+    teacher = {"name": "all-MiniLM-L6-v2", "license": "Apache-2.0", "checksum": "f" * 64, "weight": 30.0}
+    extra = {"step": 20, "train": {"steps": 20}, "data": "scenes", "teacher": teacher, "eval": {"zero_shot": {}},
+             "averaged": {"checkpoints": ["model-10.safetensors", "model.safetensors"], "steps": [10, 20]}}
+    record = training_record(tmp_path / "model.safetensors", extra, sparse=True)  # no log.jsonl beside it
+    assert record == {k: extra[k] for k in ("step", "train", "data", "teacher", "averaged")}

@@ -355,7 +355,7 @@ def training_record(checkpoint: str | Path, extra: dict[str, Any], sparse: bool)
     """What the model card tells of the training run that wrote `checkpoint` (its metadata `extra`),
     with the routing over the run when the model is sparse and the run's log.jsonl lies beside it
     (exported from its run directory)."""
-    record = {k: extra[k] for k in ("step", "train", "data", "sources", "init", "averaged") if k in extra}
+    record = {k: extra[k] for k in ("step", "train", "data", "sources", "init", "averaged", "teacher") if k in extra}
     log = Path(checkpoint).with_name("log.jsonl")
     if sparse and log.exists():
         record["routing_history"] = routing_history(read_log(log))
