@@ -25,14 +25,28 @@ FORMAT = "limoe-checkpoint/1"
 CLIP_FORMAT = "limoe-clip-checkpoint/1"
 
 
+def _write(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file under a temporary name, then rename it: never a half-written
+    checkpoint under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def _read_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
 def save_checkpoint(model: LIMoE, path: str | Path, extra: dict[str, Any] | None = None,
                     tokenizer: Tokenizer | None = None) -> Path:
     """Write `model`'s weights and config (plus optional JSON-able `extra`, e.g. eval results,
     and the tokenizer the model was trained with).
 
     Pass the plain module, not a torch.compile or DDP wrapper (their state dicts are prefixed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": model.cfg.to_json(), "extra": json.dumps(extra or {})}
     if tokenizer is not None:
@@ -40,10 +54,7 @@ def save_checkpoint(model: LIMoE, path: str | Path, extra: dict[str, Any] | None
             raise ValueError(f"tokenizer (context {tokenizer.context_length}, vocab {tokenizer.vocab_size}) does "
                              f"not fit the model (context {model.cfg.context_length}, vocab {model.cfg.vocab_size})")
         metadata["tokenizer"] = tokenizer.to_str()
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
-    return path
+    return _write(state, path, metadata)
 
 
 def _metadata(path: str | Path) -> dict[str, str]:
@@ -70,9 +81,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild the model from its stored config and load the weights; returns (model, extra)."""
     cfg, extra = read_metadata(path)
     model = build_model(cfg)
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_read_state(path, device), strict=True)
     return model.to(device).eval(), extra
 
 
@@ -87,15 +96,10 @@ def checkpoint_format(path: str | Path) -> str | None:
 
 def save_clip_checkpoint(model: CLIP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a CLIP's weights (OpenCLIP's keys, plus routers and experts when sparse) and its config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": CLIP_FORMAT, "config": json.dumps(model.cfg.to_dict(), sort_keys=True),
                 "extra": json.dumps(extra or {})}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return _write(state, path, metadata)
 
 
 def load_clip_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CLIP, dict[str, Any]]:
@@ -158,17 +162,8 @@ def average_checkpoints(paths: Sequence[str | Path], out: str | Path) -> Path:
             raise ValueError(f"{p}: another config than {paths[0]}; only checkpoints of one model average")
         if meta.get("tokenizer") != metas[0].get("tokenizer"):
             raise ValueError(f"{p}: another tokenizer than {paths[0]}")
-    states = []
-    for p in paths:
-        with safe_open(str(p), framework="pt") as f:
-            states.append({k: f.get_tensor(k) for k in f.keys()})
+    states = [_read_state(p) for p in paths]
     extras = [json.loads(m.get("extra", "{}")) for m in metas]
     extra = {k: v for k, v in extras[-1].items() if k != "eval"}
     extra["averaged"] = {"checkpoints": [Path(p).name for p in paths], "steps": [e.get("step") for e in extras]}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {**metas[-1], "extra": json.dumps(extra)}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    save_file(average_state_dicts(states), str(tmp), metadata=metadata)
-    tmp.replace(out)
-    return out
+    return _write(average_state_dicts(states), out, {**metas[-1], "extra": json.dumps(extra)})
